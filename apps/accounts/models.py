@@ -1,0 +1,40 @@
+from django.conf import settings
+from django.contrib.auth.models import AbstractUser
+from django.db import models
+
+
+def default_audio_quota() -> int:
+    return settings.QUOTA_AUDIO_SECONDS
+
+
+def default_token_quota() -> int:
+    return settings.QUOTA_TOKENS
+
+
+class User(AbstractUser):
+    """A person who talks with personas. Quotas of 0 mean unlimited."""
+
+    audio_seconds_quota = models.PositiveIntegerField(default=default_audio_quota)
+    tokens_quota = models.PositiveIntegerField(default=default_token_quota)
+    audio_seconds_used = models.FloatField(default=0)
+    tokens_used = models.PositiveIntegerField(default=0)
+
+    def quota_problem(self) -> str:
+        """Why this user may not talk now, or an empty string."""
+        if self.audio_seconds_quota and self.audio_seconds_used >= self.audio_seconds_quota:
+            return "You have used all of your speaking minutes."
+        if self.tokens_quota and self.tokens_used >= self.tokens_quota:
+            return "You have used all of your reply tokens."
+        return ""
+
+    @property
+    def audio_seconds_left(self) -> float | None:
+        if not self.audio_seconds_quota:
+            return None
+        return max(0.0, self.audio_seconds_quota - self.audio_seconds_used)
+
+    @property
+    def tokens_left(self) -> int | None:
+        if not self.tokens_quota:
+            return None
+        return max(0, self.tokens_quota - self.tokens_used)

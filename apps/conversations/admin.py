@@ -1,0 +1,58 @@
+from django.contrib import admin
+
+from .models import Conversation, Message, TranscriptSegment
+
+TIMINGS = (
+    "speech_end_to_final_ms", "final_to_first_token_ms", "first_token_to_first_audio_ms",
+    "reply_total_ms",
+)
+
+
+class MessageInline(admin.TabularInline):
+    model = Message
+    fields = ("seq", "role", "source", "status", "text", "prompt_tokens", "completion_tokens", *TIMINGS)
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    ordering = ("seq",)
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+class TranscriptSegmentInline(admin.TabularInline):
+    model = TranscriptSegment
+    fields = ("seq", "start_ms", "end_ms", "text", "confidence", "provider")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Conversation)
+class ConversationAdmin(admin.ModelAdmin):
+    list_display = ("id", "user", "persona", "status", "started_at", "ended_at", "last_seq")
+    list_filter = ("status", "persona", "started_at")
+    search_fields = ("id", "user__username", "user__email", "persona__name", "messages__text")
+    list_select_related = ("user", "persona")
+    readonly_fields = ("id", "user", "persona", "last_seq", "started_at", "ended_at", "updated_at")
+    date_hierarchy = "started_at"
+    inlines = [MessageInline, TranscriptSegmentInline]
+
+
+@admin.register(Message)
+class MessageAdmin(admin.ModelAdmin):
+    list_display = ("conversation", "seq", "role", "source", "status", "short_text", *TIMINGS)
+    list_filter = ("role", "source", "status", "provider")
+    search_fields = ("text", "conversation__id", "conversation__user__username")
+    list_select_related = ("conversation",)
+    readonly_fields = (
+        "id", "conversation", "seq", "role", "source", "provider", "prompt_tokens",
+        "completion_tokens", *TIMINGS, "created_at", "updated_at",
+    )
+
+    @admin.display(description="text")
+    def short_text(self, obj):
+        return obj.text[:80]

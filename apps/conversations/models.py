@@ -1,0 +1,106 @@
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+
+class Conversation(models.Model):
+    class Status(models.TextChoices):
+        ACTIVE = "active"
+        ENDED = "ended"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
+    persona = models.ForeignKey("personas.Persona", on_delete=models.PROTECT, related_name="conversations")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    last_seq = models.PositiveIntegerField(default=0, help_text="Highest seq handed out.")
+    started_at = models.DateTimeField(auto_now_add=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+        indexes = [models.Index(fields=["user", "-started_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.persona} with {self.user} ({self.started_at:%Y-%m-%d %H:%M})"
+
+    @property
+    def group_name(self) -> str:
+        return f"conversation.{self.id}"
+
+
+class Message(models.Model):
+    """One turn: what the user said or typed, or what the persona replied.
+    `seq` orders everything a conversation stores; a socket resumes after it."""
+
+    class Role(models.TextChoices):
+        USER = "user"
+        ASSISTANT = "assistant"
+
+    class Source(models.TextChoices):
+        VOICE = "voice"
+        TEXT = "text"
+        GREETING = "greeting"
+        LLM = "llm"
+
+    class Status(models.TextChoices):
+        STREAMING = "streaming"
+        COMPLETE = "complete"
+        INTERRUPTED = "interrupted"
+        FAILED = "failed"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
+    seq = models.PositiveIntegerField()
+    role = models.CharField(max_length=16, choices=Role.choices)
+    source = models.CharField(max_length=16, choices=Source.choices)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.COMPLETE)
+    text = models.TextField(blank=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    provider = models.CharField(max_length=64, blank=True, help_text="Engine that made it.")
+    # Stage timings in milliseconds (see docs/protocol.md).
+    speech_end_to_final_ms = models.PositiveIntegerField(null=True, blank=True)
+    final_to_first_token_ms = models.PositiveIntegerField(null=True, blank=True)
+    first_token_to_first_audio_ms = models.PositiveIntegerField(null=True, blank=True)
+    reply_total_ms = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["conversation", "seq"]
+        constraints = [
+            models.UniqueConstraint(fields=["conversation", "seq"], name="message_unique_seq"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.seq} {self.role}: {self.text[:60]}"
+
+
+class TranscriptSegment(models.Model):
+    """The final transcript of one utterance, with where it sits in the audio."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="segments")
+    message = models.OneToOneField(Message, on_delete=models.CASCADE, related_name="segment")
+    utterance_id = models.CharField(max_length=64)
+    seq = models.PositiveIntegerField()
+    start_ms = models.PositiveIntegerField()
+    end_ms = models.PositiveIntegerField()
+    text = models.TextField()
+    confidence = models.FloatField(null=True, blank=True)
+    provider = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["conversation", "seq"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["conversation", "utterance_id"], name="segment_unique_utterance"
+            ),
+            models.CheckConstraint(condition=models.Q(end_ms__gte=models.F("start_ms")), name="segment_end_after_start"),
+        ]
+
+    def __str__(self) -> str:
+        return self.text[:80]

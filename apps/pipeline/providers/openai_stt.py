@@ -1,0 +1,43 @@
+"""Speech-to-text through an OpenAI-compatible /v1/audio/transcriptions endpoint."""
+
+import openai
+from django.conf import settings
+
+from ..audio import wav_bytes
+from .base import SAMPLE_RATE, ProviderError, Transcript
+
+
+def sync_client() -> openai.OpenAI:
+    """The sync client shared by the OpenAI STT and TTS engines (thread-safe)."""
+    return openai.OpenAI(
+        base_url=settings.OPENAI_BASE_URL or None,
+        api_key=settings.LLM_API_KEY or "missing",
+        timeout=settings.LLM_TIMEOUT_S,
+        max_retries=settings.LLM_MAX_RETRIES,
+    )
+
+
+class OpenAISTT:
+    kind = "openai"
+
+    def __init__(self) -> None:
+        self.client = sync_client()
+        self.model = settings.OPENAI_STT_MODEL
+
+    def transcribe(self, pcm: bytes) -> Transcript:
+        if len(pcm) < 2:
+            return Transcript("")
+        try:
+            result = self.client.audio.transcriptions.create(
+                model=self.model,
+                file=("audio.wav", wav_bytes(pcm, SAMPLE_RATE), "audio/wav"),
+            )
+        except openai.OpenAIError as exc:
+            raise ProviderError(
+                "stt_unavailable", f"speech recognition service failed: {exc}"
+            ) from exc
+        return Transcript((result.text or "").strip())
+
+    def transcribe_batch(self, pcms: list[bytes]) -> list[Transcript]:
+        """One request per window; the API has no batch endpoint."""
+        return [self.transcribe(pcm) for pcm in pcms]

@@ -1,0 +1,33 @@
+"""Text-to-speech through an OpenAI-compatible /v1/audio/speech endpoint (raw PCM)."""
+
+import openai
+from django.conf import settings
+
+from .base import ProviderError, Speech
+from .openai_stt import sync_client
+
+OPENAI_PCM_RATE = 24_000  # response_format="pcm" is 24 kHz PCM16 LE mono
+DEFAULT_VOICE = "alloy"
+
+
+class OpenAITTS:
+    kind = "openai"
+
+    def __init__(self) -> None:
+        self.client = sync_client()
+        self.model = settings.OPENAI_TTS_MODEL
+
+    def synthesize(self, text: str, *, voice: str = "") -> Speech:
+        if not text.strip():
+            return Speech(pcm=b"", sample_rate=OPENAI_PCM_RATE)
+        try:
+            response = self.client.audio.speech.create(
+                model=self.model,
+                voice=voice or DEFAULT_VOICE,
+                input=text,
+                response_format="pcm",
+            )
+            pcm = response.read()
+        except openai.OpenAIError as exc:
+            raise ProviderError("tts_unavailable", f"speech synthesis service failed: {exc}") from exc
+        return Speech(pcm=pcm[: len(pcm) - len(pcm) % 2], sample_rate=OPENAI_PCM_RATE)

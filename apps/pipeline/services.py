@@ -1,0 +1,227 @@
+"""The voice pipeline's workflows: transcribe a window, speak a sentence
+(both run on workers), and stream a reply (runs on the web process's loop)."""
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from uuid import UUID
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.core.cache import cache
+
+from apps.conversations.models import Conversation, Message, TranscriptSegment
+from apps.conversations.selectors import history_for_reply
+from apps.conversations.services import reply_begin, reply_finish, transcript_finalize
+from apps.realtime.events import apublish, event, publish
+
+from .audio_store import audio_store, utterance_key
+from .dispatch import enqueue
+from .providers.base import ChatMessage, ProviderError, ReplyRequest
+from .providers.registry import llm_get, stt_get, tts_get
+from .sentences import SentenceSplitter
+
+log = logging.getLogger(__name__)
+BYTES_PER_MS = 32
+
+
+def _cancel_key(reply_id: str) -> str:
+    return f"tts-cancel:{reply_id}"
+
+
+# --- Speech-to-text (worker) ---------------------------------------------------
+
+
+def transcribe_window(
+    *,
+    conversation_id: str,
+    utterance_id: str,
+    end_byte: int,
+    final: bool,
+    stt_kind: str = "",
+    start_ms: int = 0,
+    speech_end_at: float | None = None,
+) -> None:
+    """Transcribe an utterance's audio up to `end_byte`. A partial is pushed
+    to the sockets; a final is stored, then pushed. Safe to run twice."""
+    key = utterance_key(conversation_id, utterance_id)
+    if final and TranscriptSegment.objects.filter(
+        conversation_id=conversation_id, utterance_id=utterance_id
+    ).exists():
+        return
+    pcm = audio_store().read(key, 0, end_byte)
+    stt = stt_get(stt_kind)
+    try:
+        result = stt.transcribe(pcm)
+    except ProviderError as exc:
+        publish(conversation_id, event("error", code=exc.code, message=exc.message))
+        result = None
+    if not final:
+        publish(
+            conversation_id,
+            event(
+                "transcript.partial", utterance_id=utterance_id, text=result.text if result else ""
+            ),
+        )
+        return
+    transcript_finalize(
+        conversation_id=conversation_id,
+        utterance_id=utterance_id,
+        text=result.text if result else "",
+        confidence=result.confidence if result else None,
+        start_ms=start_ms,
+        end_ms=start_ms + len(pcm) // BYTES_PER_MS,
+        speech_end_at=speech_end_at,
+        provider=stt.kind,
+    )
+    audio_store().delete(key)
+
+
+# --- Text-to-speech (worker) -----------------------------------------------------
+
+
+def synthesize_sentence(
+    *, conversation_id: str, reply_id: str, index: int, text: str, tts_kind: str = "", voice: str = ""
+) -> None:
+    """Speak one sentence of a reply and push its audio. A cancelled reply
+    (barge-in) is skipped; a failure pushes empty audio so later sentences
+    still play in order."""
+    sample_rate, pcm, failed = 16_000, b"", ""
+    if not cache.get(_cancel_key(reply_id)):
+        try:
+            speech = tts_get(tts_kind).synthesize(text, voice=voice)
+            sample_rate, pcm = speech.sample_rate, speech.pcm
+        except ProviderError as exc:
+            failed = exc.code
+            publish(conversation_id, event("error", code=exc.code, message=exc.message))
+    publish(
+        conversation_id,
+        event("reply.audio", reply_id=reply_id, index=index, sample_rate=sample_rate, pcm=pcm, error=failed),
+    )
+
+
+def reply_cancel_audio(*, reply_id: str) -> None:
+    cache.set(_cancel_key(reply_id), 1, 300)
+
+
+# --- Reply (web process, async) ------------------------------------------------------
+
+
+@dataclass
+class ReplyPlan:
+    message: Message
+    request: ReplyRequest
+    llm_kind: str
+    tts_kind: str
+    voice: str
+    stt_kind: str
+
+
+def reply_prepare(*, conversation_id: UUID) -> ReplyPlan:
+    """Everything a reply needs, read fresh each turn, so a persona changed in
+    the admin takes effect on the next turn."""
+    persona = Conversation.objects.select_related("persona").get(pk=conversation_id).persona
+    history = history_for_reply(
+        conversation_id=conversation_id, budget_tokens=settings.LLM_HISTORY_TOKENS
+    )
+    llm_kind = persona.llm_kind or settings.LLM_KIND
+    message = reply_begin(conversation_id=conversation_id, provider=llm_kind)
+    request = ReplyRequest(
+        system_prompt=persona.system_prompt,
+        history=[ChatMessage(role=m.role, content=m.text) for m in history],
+        model=persona.llm_model or settings.LLM_MODEL,
+        temperature=persona.temperature,
+        max_tokens=persona.max_tokens,
+    )
+    return ReplyPlan(
+        message=message,
+        request=request,
+        llm_kind=llm_kind,
+        tts_kind=persona.tts_kind or settings.TTS_KIND,
+        voice=persona.voice,
+        stt_kind=persona.stt_kind or settings.STT_KIND,
+    )
+
+
+@dataclass
+class ReplyState:
+    """What a running reply has produced; the consumer reads it on barge-in."""
+
+    reply_id: str = ""
+    text: str = ""
+    sentences: int = 0
+    first_token_at: float | None = None
+    done: bool = False
+
+
+async def reply_run(
+    *, conversation_id: UUID, final_at: float, state: ReplyState, speak: bool = True
+) -> None:
+    """Stream the persona's reply: tokens to the sockets as they come, each
+    finished sentence to the TTS queue, the whole reply stored at the end.
+    Cancelling the task (barge-in) stores what was said, marked interrupted."""
+    plan = await database_sync_to_async(reply_prepare)(conversation_id=conversation_id)
+    reply_id = str(plan.message.id)
+    state.reply_id = reply_id
+    stream = llm_get(plan.llm_kind).stream_reply(plan.request)
+    splitter = SentenceSplitter()
+    status, error_code = Message.Status.COMPLETE, ""
+
+    def speak_sentences(sentences: list[str]) -> None:
+        if not speak:
+            return
+        for sentence in sentences:
+            enqueue_tts(conversation_id, reply_id, state.sentences, sentence, plan)
+            state.sentences += 1
+
+    try:
+        async for delta in stream.deltas:
+            if state.first_token_at is None:
+                state.first_token_at = time.time()
+            state.text += delta
+            await apublish(conversation_id, event("reply.delta", reply_id=reply_id, text=delta))
+            speak_sentences(splitter.feed(delta))
+        speak_sentences(splitter.flush())
+    except asyncio.CancelledError:
+        status = Message.Status.INTERRUPTED
+    except ProviderError as exc:
+        status, error_code = Message.Status.FAILED, exc.code
+        await apublish(conversation_id, event("error", code=exc.code, message=exc.message))
+    finally:
+        state.done = True
+        first_ms = _ms_between(final_at, state.first_token_at)
+        await asyncio.shield(
+            database_sync_to_async(reply_finish)(
+                message_id=plan.message.id,
+                text=state.text,
+                status=status,
+                prompt_tokens=stream.usage.prompt_tokens,
+                completion_tokens=stream.usage.completion_tokens,
+                final_to_first_token_ms=first_ms,
+                reply_total_ms=_ms_between(final_at, time.time()),
+                error_code=error_code,
+            )
+        )
+    if status == Message.Status.INTERRUPTED:
+        raise asyncio.CancelledError
+
+
+def enqueue_tts(conversation_id, reply_id: str, index: int, sentence: str, plan: ReplyPlan) -> None:
+    from .tasks import synthesize_sentence_task
+
+    enqueue(
+        synthesize_sentence_task,
+        conversation_id=str(conversation_id),
+        reply_id=reply_id,
+        index=index,
+        text=sentence,
+        tts_kind=plan.tts_kind,
+        voice=plan.voice,
+    )
+
+
+def _ms_between(start: float | None, end: float | None) -> int | None:
+    if start is None or end is None:
+        return None
+    return max(0, round((end - start) * 1000))

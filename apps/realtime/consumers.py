@@ -1,0 +1,369 @@
+"""The conversation socket (docs/protocol.md). Thin: it validates what the
+client sends, runs the cheap endpointer, appends audio to the utterance
+buffer, dispatches STT work, runs the reply task, and forwards group events.
+It never touches the ORM itself: services run through database_sync_to_async."""
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from apps.accounts.services import user_quota_problem
+from apps.conversations.selectors import conversation_for_socket, messages_after
+from apps.conversations.services import (
+    message_record_first_audio,
+    replay_events,
+    text_message_add,
+)
+from apps.pipeline.audio_store import audio_store, utterance_key
+from apps.pipeline.dispatch import enqueue
+from apps.pipeline.services import ReplyState, reply_cancel_audio, reply_run
+from apps.pipeline.tasks import transcribe_window_task
+from apps.pipeline.vad import BYTES_PER_MS, Endpointer
+
+from .events import PROTOCOL_VERSION, event, group_name
+from .protocol import (
+    AudioRateLimiter,
+    ProtocolError,
+    check_audio_frame,
+    parse_control,
+    parse_hello,
+    parse_text,
+)
+
+log = logging.getLogger(__name__)
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_NOT_FOUND = 4404
+CLOSE_UNSUPPORTED_PROTOCOL = 4400
+AUDIO_CHUNK_BYTES = 32_768
+
+
+class Utterance:
+    def __init__(self, start_ms: int) -> None:
+        self.id = uuid.uuid4().hex
+        self.start_ms = start_ms
+        self.bytes = 0
+        self.partial_at_bytes = 0
+        self.partial_in_flight = False
+
+
+class ConversationConsumer(AsyncWebsocketConsumer):
+    async def dispatch(self, message):
+        # Channels runs a sync_to_async hop (close_old_connections) before every
+        # handler. This consumer never uses the ORM on the loop, so the hot
+        # paths (socket frames and group events) skip it; see ARCHITECTURE.md.
+        if message["type"] in ("websocket.connect", "websocket.disconnect"):
+            return await super().dispatch(message)
+        handler = getattr(self, message["type"].replace(".", "_"), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
+    # --- connection ------------------------------------------------------
+
+    async def connect(self):
+        self.conversation = None
+        self.greeted = False
+        self.reply_task: asyncio.Task | None = None
+        self.reply_state = ReplyState()
+        self.utterance: Utterance | None = None
+        self.stream_ms = 0
+        self.audio_sent: dict[str, int] = {}
+        self.audio_waiting: dict[str, dict[int, dict]] = {}
+        self.cancelled_replies: set[str] = set()
+        self.error_sent_at: dict[str, float] = {}
+        self.my_utterances: set[str] = set()
+        user = self.scope.get("user")
+        await self.accept()
+        if user is None or not user.is_authenticated:
+            return await self.refuse(CLOSE_UNAUTHENTICATED, "unauthenticated", "Sign in first.")
+        conversation_id = self.scope["url_route"]["kwargs"]["conversation_id"]
+        conversation, problem = await database_sync_to_async(conversation_for_socket)(
+            conversation_id=conversation_id, user=user
+        )
+        if problem == "not_found":
+            return await self.refuse(CLOSE_NOT_FOUND, "not_found", "No such conversation.")
+        if problem:
+            return await self.refuse(
+                CLOSE_FORBIDDEN, "forbidden", "This conversation belongs to someone else."
+            )
+        self.conversation = conversation
+        self.user_id = user.pk
+        self.stt_kind = conversation.persona.stt_kind or settings.STT_KIND
+        self.endpointer = Endpointer(
+            end_silence_ms=settings.VAD_END_SILENCE_MS,
+            min_speech_ms=settings.VAD_MIN_SPEECH_MS,
+            max_utterance_ms=settings.VAD_MAX_UTTERANCE_MS,
+        )
+        self.rate = AudioRateLimiter(
+            factor=settings.AUDIO_RATE_FACTOR, burst_ms=settings.AUDIO_RATE_BURST_S * 1000
+        )
+        await self.channel_layer.group_add(group_name(conversation.id), self.channel_name)
+
+    async def refuse(self, code: int, error_code: str, message: str) -> None:
+        await self.send_event(event("error", code=error_code, message=message, fatal=True))
+        await self.close(code=code)
+
+    async def disconnect(self, code):
+        if self.conversation is None:
+            return
+        if self.utterance is not None:
+            await self.utterance_end(reason="disconnect")  # keep what was said
+        await self.channel_layer.group_discard(group_name(self.conversation.id), self.channel_name)
+
+    # --- from the client -----------------------------------------------------
+
+    async def receive(self, text_data=None, bytes_data=None):
+        if self.conversation is None:
+            return
+        try:
+            if bytes_data is not None:
+                await self.audio_frame(bytes_data)
+            else:
+                await self.control(parse_control(text_data))
+        except ProtocolError as exc:
+            await self.send_error(exc.code, exc.message)
+
+    async def control(self, message: dict) -> None:
+        kind = message["type"]
+        if kind == "hello":
+            return await self.hello(parse_hello(message))
+        if not self.greeted:
+            raise ProtocolError("hello_required", 'Send {"type": "hello"} first.')
+        if kind == "ping":
+            await self.send_event(event("pong", t=message.get("t")))
+        elif kind == "audio.end":
+            if self.endpointer.force_end():
+                await self.utterance_end(reason="client")
+        elif kind == "interrupt":
+            await self.interrupt_reply()
+        elif kind == "text":
+            await self.text(parse_text(message))
+
+    async def hello(self, resume_from: int) -> None:
+        conversation = self.conversation
+        messages = await database_sync_to_async(messages_after)(
+            conversation_id=conversation.id, seq=resume_from
+        )
+        await self.send_event(
+            event(
+                "ready",
+                protocol=PROTOCOL_VERSION,
+                conversation_id=str(conversation.id),
+                persona={
+                    "name": conversation.persona.name,
+                    "slug": conversation.persona.slug,
+                    "avatar": conversation.persona.avatar,
+                },
+                last_seq=max([resume_from, *(m.seq for m in messages)]),
+                audio={"sample_rate": 16000, "format": "pcm_s16le", "channels": 1,
+                       "max_frame_bytes": settings.AUDIO_FRAME_MAX_BYTES},
+                engines={"stt": self.stt_kind, "llm": settings.LLM_KIND, "tts": settings.TTS_KIND},
+                llm_is_offline_echo=(conversation.persona.llm_kind or settings.LLM_KIND) == "echo",
+            )
+        )
+        for replayed in await database_sync_to_async(replay_events)(messages=messages):
+            await self.send_event(replayed)
+        self.greeted = True
+
+    async def text(self, text: str) -> None:
+        await self.check_quota()
+        await self.interrupt_reply()
+        await database_sync_to_async(text_message_add)(
+            conversation_id=self.conversation.id, text=text
+        )
+        self.start_reply(final_at=time.time())
+
+    async def check_quota(self) -> None:
+        problem = await database_sync_to_async(user_quota_problem)(user_id=self.user_id)
+        if problem:
+            raise ProtocolError("quota_exceeded", problem)
+
+    # --- audio in ----------------------------------------------------------------
+
+    async def audio_frame(self, data: bytes) -> None:
+        if not self.greeted:
+            raise ProtocolError("hello_required", 'Send {"type": "hello"} before audio.')
+        check_audio_frame(data)
+        frame_ms = len(data) / BYTES_PER_MS
+        if not self.rate.allow(frame_ms):
+            raise ProtocolError(
+                "rate_limited", "Audio is arriving faster than real time; frames were dropped."
+            )
+        self.stream_ms += frame_ms
+        for happened in self.endpointer.feed(data):
+            if happened.kind == "start":
+                await self.utterance_start(happened.audio)
+            else:
+                await self.utterance_append(data)
+                await self.utterance_end(reason=happened.reason)
+                return
+        if self.utterance is not None:
+            await self.utterance_append(data)
+
+    async def utterance_start(self, preroll: bytes) -> None:
+        start_ms = max(0, int(self.stream_ms) - len(preroll) // BYTES_PER_MS)
+        self.utterance = Utterance(start_ms=start_ms)
+        self.my_utterances.add(self.utterance.id)
+        await self.send_event(event("speech.start", utterance_id=self.utterance.id))
+        await self.interrupt_reply()
+        try:
+            await self.check_quota()
+        except ProtocolError:
+            self.utterance = None
+            raise
+        await self.utterance_append(preroll)
+
+    async def utterance_append(self, data: bytes) -> None:
+        utterance = self.utterance
+        if utterance is None or not data:
+            return
+        key = utterance_key(str(self.conversation.id), utterance.id)
+        utterance.bytes = await audio_store().append(key, data)
+        due = utterance.bytes - utterance.partial_at_bytes >= settings.STT_PARTIAL_EVERY_MS * BYTES_PER_MS
+        if due and not utterance.partial_in_flight:
+            utterance.partial_in_flight = True
+            utterance.partial_at_bytes = utterance.bytes
+            self.transcribe(utterance, final=False)
+
+    async def utterance_end(self, *, reason: str) -> None:
+        utterance, self.utterance = self.utterance, None
+        if utterance is None:
+            return
+        self.transcribe(utterance, final=True)
+        await self.send_event(
+            event(
+                "speech.end",
+                utterance_id=utterance.id,
+                duration_ms=utterance.bytes // BYTES_PER_MS,
+                reason=reason,
+            )
+        )
+
+    def transcribe(self, utterance: Utterance, *, final: bool) -> None:
+        enqueue(
+            transcribe_window_task,
+            conversation_id=str(self.conversation.id),
+            utterance_id=utterance.id,
+            end_byte=utterance.bytes,
+            final=final,
+            stt_kind=self.stt_kind,
+            start_ms=utterance.start_ms,
+            speech_end_at=time.time() if final else None,
+        )
+
+    # --- replies ---------------------------------------------------------------
+
+    def start_reply(self, *, final_at: float) -> None:
+        self.reply_state = ReplyState()
+        self.reply_task = asyncio.create_task(
+            reply_run(conversation_id=self.conversation.id, final_at=final_at, state=self.reply_state)
+        )
+
+    async def interrupt_reply(self) -> None:
+        """Barge-in: stop the reply's tokens and drop its pending audio."""
+        state, task = self.reply_state, self.reply_task
+        if not state.reply_id or state.reply_id in self.cancelled_replies:
+            return
+        if state.done and self.audio_sent.get(state.reply_id, 0) >= state.sentences:
+            return  # fully said; nothing to interrupt
+        self.cancelled_replies.add(state.reply_id)
+        self.audio_waiting.pop(state.reply_id, None)
+        if task is not None and not task.done():
+            task.cancel()  # reply_run stores the partial reply and publishes reply.interrupted
+        else:
+            await self.send_event(
+                event("reply.interrupted", reply_id=state.reply_id, seq=None, text=state.text,
+                      audio_only=True)
+            )
+        await database_sync_to_async(reply_cancel_audio)(reply_id=state.reply_id)
+
+    # --- group events -> client ---------------------------------------------------
+
+    async def transcript_partial(self, message: dict) -> None:
+        utterance = self.utterance
+        if utterance is not None and message["utterance_id"] == utterance.id:
+            utterance.partial_in_flight = False
+        if message["text"]:
+            await self.send_event(message)
+
+    async def transcript_final(self, message: dict) -> None:
+        await self.send_event(message)
+        if message.get("replayed"):
+            return
+        if message["utterance_id"] in self.my_utterances:  # this socket heard it: reply
+            self.my_utterances.discard(message["utterance_id"])
+            self.start_reply(final_at=time.time())
+
+    async def transcript_empty(self, message: dict) -> None:
+        await self.send_event(message)
+
+    async def reply_delta(self, message: dict) -> None:
+        if message["reply_id"] not in self.cancelled_replies:
+            await self.send_event(message)
+
+    async def reply_done(self, message: dict) -> None:
+        await self.send_event(message)
+
+    async def reply_interrupted(self, message: dict) -> None:
+        await self.send_event(message)
+
+    async def error(self, message: dict) -> None:
+        await self.send_event(message)
+
+    async def reply_audio(self, message: dict) -> None:
+        """Sentences may be synthesised out of order; send them in order."""
+        reply_id = message["reply_id"]
+        if reply_id in self.cancelled_replies:
+            return
+        waiting = self.audio_waiting.setdefault(reply_id, {})
+        waiting[message["index"]] = message
+        next_index = self.audio_sent.setdefault(reply_id, min(waiting))
+        while next_index in waiting:
+            await self.send_audio(waiting.pop(next_index))
+            next_index += 1
+            self.audio_sent[reply_id] = next_index
+
+    async def send_audio(self, message: dict) -> None:
+        pcm = message["pcm"]
+        extra = {}
+        state = self.reply_state
+        if message["index"] == 0 and state.reply_id == message["reply_id"] and state.first_token_at:
+            first_audio_ms = max(0, round((time.time() - state.first_token_at) * 1000))
+            extra["first_token_to_first_audio_ms"] = first_audio_ms
+            await database_sync_to_async(message_record_first_audio)(
+                message_id=state.reply_id, first_token_to_first_audio_ms=first_audio_ms
+            )
+        await self.send_event(
+            event(
+                "reply.audio.start",
+                reply_id=message["reply_id"],
+                index=message["index"],
+                sample_rate=message["sample_rate"],
+                format="pcm_s16le",
+                bytes=len(pcm),
+                **extra,
+            )
+        )
+        for offset in range(0, len(pcm), AUDIO_CHUNK_BYTES):
+            await self.send(bytes_data=pcm[offset : offset + AUDIO_CHUNK_BYTES])
+
+    # --- sending ---------------------------------------------------------------------
+
+    async def send_event(self, message: dict) -> None:
+        await self.send(text_data=json.dumps(message))
+
+    async def send_error(self, code: str, message: str) -> None:
+        """Errors from a flood of bad frames are sent at most once a second per code."""
+        now = time.monotonic()
+        if now - self.error_sent_at.get(code, -10.0) < 1.0:
+            return
+        self.error_sent_at[code] = now
+        await self.send_event(event("error", code=code, message=message))

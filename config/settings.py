@@ -1,0 +1,309 @@
+"""The one settings module. Everything that differs between machines is an
+environment variable; with nothing set, Parley runs on embedded defaults
+(SQLite, in-memory channel layer, local-memory cache, in-process workers)."""
+
+import os
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_str(name: str, default: str = "") -> str:
+    """A string from NAME, or from the file named by NAME_FILE (for secrets)."""
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        return Path(path).read_text().strip()
+    return os.environ.get(name, default)
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    value = env_str(name)
+    if not value:
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_int(name: str, default: int) -> int:
+    value = env_str(name)
+    return int(value) if value else default
+
+
+def env_float(name: str, default: float) -> float:
+    value = env_str(name)
+    return float(value) if value else default
+
+
+def env_list(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
+
+
+ENV = env_str("DJANGO_ENV", "development")
+PRODUCTION = ENV == "production"
+
+
+def required(name: str, fallback: str) -> str:
+    """A value production must be given; development gets a harmless fallback."""
+    value = env_str(name)
+    if value:
+        return value
+    if PRODUCTION:
+        raise ImproperlyConfigured(f"{name} must be set when DJANGO_ENV=production")
+    return fallback
+
+
+SECRET_KEY = required("SECRET_KEY", "dev-only-insecure-key-change-me")
+DEBUG = env_bool("DEBUG", default=not PRODUCTION)
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS") or (
+    [] if PRODUCTION else ["localhost", "127.0.0.1", "[::1]", "testserver"]
+)
+if PRODUCTION and not ALLOWED_HOSTS:
+    raise ImproperlyConfigured("ALLOWED_HOSTS must be set when DJANGO_ENV=production")
+
+# Origins allowed to open WebSockets (scheme://host[:port]); checked by
+# Channels' OriginValidator. Defaults to the allowed hosts over http and https.
+WEBSOCKET_ALLOWED_ORIGINS = env_list("WEBSOCKET_ALLOWED_ORIGINS") or [
+    f"{scheme}://{host}" for host in ALLOWED_HOSTS for scheme in ("http", "https")
+]
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "django_prometheus",
+    "apps.accounts",
+    "apps.personas",
+    "apps.conversations",
+    "apps.realtime",
+    "apps.pipeline",
+    "apps.observability",
+]
+
+MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "apps.observability.middleware.RequestIdMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+ASGI_APPLICATION = "config.asgi.application"
+AUTH_USER_MODEL = "accounts.User"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "home"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------
+# DATABASE_URL points at PgBouncer in transaction pooling mode in production.
+# Behind transaction pooling a server connection is shared between clients
+# between transactions, so nothing may outlive a transaction: no server-side
+# cursors, no prepared statements (psycopg's prepare_threshold=None), no
+# persistent session state. Django opens a connection per request/task and
+# PgBouncer does the pooling (CONN_MAX_AGE=0 by default).
+DATABASE_URL = env_str("DATABASE_URL")
+if DATABASE_URL:
+    import dj_database_url
+
+    DATABASES = {
+        "default": dj_database_url.parse(
+            DATABASE_URL, conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0)
+        )
+    }
+    DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
+    DATABASES["default"]["OPTIONS"] = {"prepare_threshold": None}
+    DATABASES["default"]["TEST"] = {"NAME": env_str("DATABASE_TEST_NAME") or None}
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": env_str("SQLITE_PATH", str(BASE_DIR / "var" / "parley.sqlite3")),
+            "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
+            # A file, so that a Daphne started by the tests sees the test data.
+            "TEST": {"NAME": env_str("SQLITE_TEST_PATH", str(BASE_DIR / "var" / "test.sqlite3"))},
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis: cache, channel layer, Celery broker (one logical db each) -----
+REDIS_URL = env_str("REDIS_URL")
+
+
+def redis_db(url: str, db: int) -> str:
+    """The same Redis server, another logical database."""
+    base = url.rsplit("/", 1)[0] if url.count("/") > 2 else url
+    return f"{base}/{db}"
+
+
+CACHE_URL = env_str("CACHE_URL") or (redis_db(REDIS_URL, 1) if REDIS_URL else "")
+CHANNEL_LAYER_URL = env_str("CHANNEL_LAYER_URL") or (redis_db(REDIS_URL, 2) if REDIS_URL else "")
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL") or (redis_db(REDIS_URL, 3) if REDIS_URL else "")
+AUDIO_STORE_URL = env_str("AUDIO_STORE_URL") or (redis_db(REDIS_URL, 4) if REDIS_URL else "")
+
+if CACHE_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": CACHE_URL,
+            "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 2, "SOCKET_TIMEOUT": 2},
+            "KEY_PREFIX": "parley",
+        }
+    }
+    SESSION_ENGINE = "django.contrib.sessions.backends.cached_db"
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    SESSION_ENGINE = "django.contrib.sessions.backends.db"
+
+if CHANNEL_LAYER_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [CHANNEL_LAYER_URL], "capacity": 1000, "expiry": 30},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# --- Celery ---------------------------------------------------------------
+# With no broker, tasks run on in-process worker threads (apps.pipeline.dispatch).
+CELERY_TASK_ACKS_LATE = True  # a task is acknowledged after it ran ...
+CELERY_TASK_REJECT_ON_WORKER_LOST = True  # ... and requeued if its worker died
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1  # long model tasks: take one at a time
+CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_TASK_QUEUES_NAMES = ["default", "stt", "tts"]
+CELERY_TASK_ROUTES = {
+    "apps.pipeline.tasks.transcribe_window_task": {"queue": "stt"},
+    "apps.pipeline.tasks.synthesize_sentence_task": {"queue": "tts"},
+}
+CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 120)
+CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND") or (
+    redis_db(REDIS_URL, 5) if REDIS_URL else None
+)
+CELERY_RESULT_EXPIRES = 3600
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+IN_PROCESS_WORKERS = env_int("IN_PROCESS_WORKERS", 2)
+
+# --- Voice pipeline -------------------------------------------------------
+STT_KIND = env_str("STT_KIND", "faster_whisper")
+STT_MODEL = env_str("STT_MODEL", "")  # empty: the bundled tiny.en
+STT_DEVICE = env_str("STT_DEVICE", "cpu")
+STT_COMPUTE_TYPE = env_str("STT_COMPUTE_TYPE", "int8")
+STT_CPU_THREADS = env_int("STT_CPU_THREADS", 2)
+STT_PARTIAL_EVERY_MS = env_int("STT_PARTIAL_EVERY_MS", 700)
+VAD_END_SILENCE_MS = env_int("VAD_END_SILENCE_MS", 500)
+VAD_MAX_UTTERANCE_MS = env_int("VAD_MAX_UTTERANCE_MS", 20_000)
+VAD_MIN_SPEECH_MS = env_int("VAD_MIN_SPEECH_MS", 200)
+
+LLM_BASE_URL = env_str("LLM_BASE_URL")
+LLM_API_KEY = env_str("LLM_API_KEY") or env_str("OPENAI_API_KEY")
+LLM_KIND = env_str("LLM_KIND") or ("openai" if (LLM_BASE_URL or LLM_API_KEY) else "echo")
+LLM_MODEL = env_str("LLM_MODEL", "gpt-4o-mini")
+LLM_TIMEOUT_S = env_float("LLM_TIMEOUT_S", 20.0)  # one attempt
+LLM_MAX_RETRIES = env_int("LLM_MAX_RETRIES", 2)
+LLM_DEADLINE_S = env_float("LLM_DEADLINE_S", 60.0)  # the whole reply
+LLM_HISTORY_TOKENS = env_int("LLM_HISTORY_TOKENS", 3000)
+
+TTS_KIND = env_str("TTS_KIND", "piper")
+OPENAI_STT_MODEL = env_str("OPENAI_STT_MODEL", "gpt-4o-mini-transcribe")
+OPENAI_TTS_MODEL = env_str("OPENAI_TTS_MODEL", "gpt-4o-mini-tts")
+OPENAI_BASE_URL = env_str("OPENAI_BASE_URL") or LLM_BASE_URL
+
+# Socket limits (see docs/protocol.md)
+AUDIO_FRAME_MAX_BYTES = 3200  # 100 ms of PCM16 16 kHz mono
+AUDIO_RATE_BURST_S = env_float("AUDIO_RATE_BURST_S", 2.0)
+AUDIO_RATE_FACTOR = env_float("AUDIO_RATE_FACTOR", 1.5)  # x real time, sustained
+WS_TEXT_MAX_BYTES = env_int("WS_TEXT_MAX_BYTES", 16_384)
+TEXT_MESSAGE_MAX_CHARS = env_int("TEXT_MESSAGE_MAX_CHARS", 4000)
+
+# Default quotas for new users (0 means unlimited)
+QUOTA_AUDIO_SECONDS = env_int("QUOTA_AUDIO_SECONDS", 3600)
+QUOTA_TOKENS = env_int("QUOTA_TOKENS", 200_000)
+
+# --- Static files, security -------------------------------------------------
+STATIC_URL = "/static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        if PRODUCTION
+        else "django.contrib.staticfiles.storage.StaticFilesStorage"
+    },
+}
+MEDIA_URL = "/media/"
+MEDIA_ROOT = BASE_DIR / "media"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+if PRODUCTION:
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+    SECURE_CONTENT_TYPE_NOSNIFF = True
+
+# --- Logging: JSON lines with request and conversation ids -----------------
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
+LOG_FORMAT = env_str("LOG_FORMAT", "json" if PRODUCTION else "text")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"context": {"()": "apps.observability.logging.ContextFilter"}},
+    "formatters": {
+        "json": {"()": "apps.observability.logging.JsonFormatter"},
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["context"],
+        }
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {"django.channels.server": {"level": "WARNING"}},
+}

@@ -1,0 +1,10 @@
+from django.contrib import admin
+from django.urls import include, path
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("accounts/", include("apps.accounts.urls")),
+    path("conversations/", include("apps.conversations.urls")),
+    path("", include("apps.observability.urls")),
+    path("", include("apps.personas.urls")),
+]
