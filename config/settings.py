@@ -61,10 +61,12 @@ ALLOWED_HOSTS = env_list("ALLOWED_HOSTS") or (
 if PRODUCTION and not ALLOWED_HOSTS:
     raise ImproperlyConfigured("ALLOWED_HOSTS must be set when DJANGO_ENV=production")
 
-# Origins allowed to open WebSockets (scheme://host[:port]); checked by
-# Channels' OriginValidator. Defaults to the allowed hosts over http and https.
+# Origins allowed to open WebSockets, checked by Channels' OriginValidator:
+# "https://parley.example" (scheme, host, port must match) or a bare host
+# (any scheme and port). Default: https on the allowed hosts in production,
+# the bare allowed hosts (any local port) in development.
 WEBSOCKET_ALLOWED_ORIGINS = env_list("WEBSOCKET_ALLOWED_ORIGINS") or [
-    f"{scheme}://{host}" for host in ALLOWED_HOSTS for scheme in ("http", "https")
+    f"https://{host}" if PRODUCTION else host for host in ALLOWED_HOSTS if host != "*"
 ]
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
 
@@ -305,5 +307,8 @@ LOGGING = {
         }
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    "loggers": {"django.channels.server": {"level": "WARNING"}},
+    "loggers": {
+        "django.channels.server": {"level": "WARNING"},
+        "faster_whisper": {"level": "WARNING"},
+    },
 }

@@ -13,3 +13,19 @@ def usage_add(*, user_id: int, audio_seconds: float = 0, tokens: int = 0) -> Non
 
 def user_quota_problem(*, user_id: int) -> str:
     return User.objects.get(pk=user_id).quota_problem()
+
+
+def session_key_create(*, user: User) -> str:
+    """A signed-in session for `user`, for developer tools that open sockets
+    (manage.py talk, benchmarks, load tests) without a browser."""
+    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+    from django.contrib.sessions.backends.base import SessionBase
+    from django.utils.module_loading import import_string
+    from django.conf import settings
+
+    store: SessionBase = import_string(f"{settings.SESSION_ENGINE}.SessionStore")()
+    store[SESSION_KEY] = str(user.pk)
+    store[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
+    store[HASH_SESSION_KEY] = user.get_session_auth_hash()
+    store.save()
+    return store.session_key

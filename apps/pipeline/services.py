@@ -30,6 +30,15 @@ def _cancel_key(reply_id: str) -> str:
     return f"tts-cancel:{reply_id}"
 
 
+def _final_requested_key(utterance_id: str) -> str:
+    return f"stt-final:{utterance_id}"
+
+
+async def utterance_mark_ended(*, utterance_id: str) -> None:
+    """Partials still queued for this utterance are stale now: workers skip them."""
+    await cache.aset(_final_requested_key(utterance_id), 1, 300)
+
+
 # --- Speech-to-text (worker) ---------------------------------------------------
 
 
@@ -46,6 +55,8 @@ def transcribe_window(
     """Transcribe an utterance's audio up to `end_byte`. A partial is pushed
     to the sockets; a final is stored, then pushed. Safe to run twice."""
     key = utterance_key(conversation_id, utterance_id)
+    if not final and cache.get(_final_requested_key(utterance_id)):
+        return  # the final is on its way; a partial now would only delay it
     if final and TranscriptSegment.objects.filter(
         conversation_id=conversation_id, utterance_id=utterance_id
     ).exists():

@@ -22,7 +22,12 @@ from apps.conversations.services import (
 )
 from apps.pipeline.audio_store import audio_store, utterance_key
 from apps.pipeline.dispatch import enqueue
-from apps.pipeline.services import ReplyState, reply_cancel_audio, reply_run
+from apps.pipeline.services import (
+    ReplyState,
+    reply_cancel_audio,
+    reply_run,
+    utterance_mark_ended,
+)
 from apps.pipeline.tasks import transcribe_window_task
 from apps.pipeline.vad import BYTES_PER_MS, Endpointer
 
@@ -238,6 +243,8 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         if utterance is None:
             return
         self.transcribe(utterance, final=True)
+        if utterance.partial_in_flight:
+            await utterance_mark_ended(utterance_id=utterance.id)
         await self.send_event(
             event(
                 "speech.end",
@@ -288,9 +295,11 @@ class ConversationConsumer(AsyncWebsocketConsumer):
     # --- group events -> client ---------------------------------------------------
 
     async def transcript_partial(self, message: dict) -> None:
+        """Partials go to the socket that is speaking, while it still speaks."""
         utterance = self.utterance
-        if utterance is not None and message["utterance_id"] == utterance.id:
-            utterance.partial_in_flight = False
+        if utterance is None or message["utterance_id"] != utterance.id:
+            return
+        utterance.partial_in_flight = False
         if message["text"]:
             await self.send_event(message)
 
@@ -325,7 +334,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             return
         waiting = self.audio_waiting.setdefault(reply_id, {})
         waiting[message["index"]] = message
-        next_index = self.audio_sent.setdefault(reply_id, min(waiting))
+        next_index = self.audio_sent.setdefault(reply_id, 0)
         while next_index in waiting:
             await self.send_audio(waiting.pop(next_index))
             next_index += 1

@@ -29,5 +29,7 @@ class OpenAITTS:
             )
             pcm = response.read()
         except openai.OpenAIError as exc:
-            raise ProviderError("tts_unavailable", f"speech synthesis service failed: {exc}") from exc
+            raise ProviderError(
+                "tts_unavailable", f"speech synthesis service failed: {exc}"
+            ) from exc
         return Speech(pcm=pcm[: len(pcm) - len(pcm) % 2], sample_rate=OPENAI_PCM_RATE)

@@ -6,6 +6,7 @@ Serves POST /v1/chat/completions (SSE stream with a final usage chunk and [DONE]
 `fault` injects failures: "rate_limit" (429), "server_error" (500), "slow" (no answer
 for `delay_s`), "slow_stream" (first chunk, then `delay_s` between chunks)."""
 
+import contextlib
 import json
 import math
 import struct
@@ -35,7 +36,9 @@ class FakeOpenAI:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._server.block_on_close = False
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     @property
     def base_url(self) -> str:
@@ -64,19 +67,22 @@ class FakeOpenAI:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format, *args):  # noqa: A002 - stdlib signature
+            def log_message(self, format, *args):
                 pass
 
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
                 fake.requests.append(
-                    {"path": self.path, "headers": dict(self.headers), "body": body}
+                    {
+                        "path": self.path,
+                        "headers": {k.lower(): v for k, v in self.headers.items()},
+                        "body": body,
+                    }
                 )
-                try:
+                # The client may have given up already (timeout tests).
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self._answer(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout test)
 
             def _answer(self, body: bytes) -> None:
                 if fake.fault == "rate_limit":
@@ -100,8 +106,12 @@ class FakeOpenAI:
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Connection", "close")
                 self.end_headers()
-                base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk",
-                        "created": int(time.time()), "model": request["model"]}
+                base = {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": request["model"],
+                }
                 for i, token in enumerate(REPLY_TOKENS):
                     if i and fake.fault == "slow_stream":
                         fake.pause(fake.delay_s)
@@ -110,8 +120,11 @@ class FakeOpenAI:
                     self._event({**base, "choices": [choice]})
                 stop = {"index": 0, "delta": {}, "finish_reason": "stop"}
                 self._event({**base, "choices": [stop]})
-                usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": len(REPLY_TOKENS),
-                         "total_tokens": PROMPT_TOKENS + len(REPLY_TOKENS)}
+                usage = {
+                    "prompt_tokens": PROMPT_TOKENS,
+                    "completion_tokens": len(REPLY_TOKENS),
+                    "total_tokens": PROMPT_TOKENS + len(REPLY_TOKENS),
+                }
                 self._event({**base, "choices": [], "usage": usage})
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()

@@ -58,8 +58,16 @@ def test_transcribe_missing_file_is_a_command_error(tmp_path):
 def test_say_writes_a_wav_that_decodes(tmp_path, tts, voice):
     out_path = tmp_path / "hello.wav"
 
-    run("say", "Hello, this is Parley speaking.", "-o", str(out_path), "--tts", tts,
-        "--voice", voice)
+    run(
+        "say",
+        "Hello, this is Parley speaking.",
+        "-o",
+        str(out_path),
+        "--tts",
+        tts,
+        "--voice",
+        voice,
+    )
 
     pcm = decode_to_pcm16(out_path)
     assert 1.0 < pcm16_seconds(pcm) < 6.0

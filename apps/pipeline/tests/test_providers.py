@@ -125,7 +125,7 @@ def test_espeak_speaks_option_like_text_instead_of_parsing_it():
     assert pcm16_seconds(speech.pcm, speech.sample_rate) > 0.1
 
 
-@pytest.mark.parametrize("voice", ["no-such-voice", "en; rm -rf /", "--stdin"])
+@pytest.mark.parametrize("voice", ["nosuchvoice", "en; rm -rf /", "--stdin"])
 def test_espeak_bad_voice_is_tts_unavailable(voice):
     with pytest.raises(ProviderError) as error:
         EspeakTTS().synthesize("hello", voice=voice)
@@ -199,7 +199,7 @@ async def test_openai_llm_streams_deltas_and_usage(fake):
     assert [m["role"] for m in sent["messages"]] == ["system", "user", "assistant", "user"]
     assert sent["stream_options"] == {"include_usage": True}
     assert sent["max_tokens"] == 64
-    assert fake.requests[-1]["headers"]["Authorization"] == "Bearer test-key"
+    assert fake.requests[-1]["headers"]["authorization"] == "Bearer test-key"
 
 
 @pytest.mark.asyncio
@@ -236,8 +236,8 @@ async def test_openai_llm_faults_map_to_provider_errors(fake, settings, fault, c
 @pytest.mark.asyncio
 async def test_openai_llm_whole_reply_is_bounded_by_the_deadline(fake, settings):
     fake.fault = "slow_stream"
-    fake.delay_s = 0.4
-    settings.LLM_DEADLINE_S = 0.6
+    fake.delay_s = 0.5
+    settings.LLM_DEADLINE_S = 1.2
     stream = OpenAILLM().stream_reply(reply_request())
     received = []
 

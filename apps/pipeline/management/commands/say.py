@@ -5,7 +5,7 @@ from apps.pipeline.providers.base import ProviderError
 
 
 class Command(BaseCommand):
-    requires_system_checks = []  # audio tools: no database, URLs or models involved
+    requires_system_checks = ()  # audio tools: no database, URLs or models involved
     help = "Synthesise text to a WAV file with a TTS engine."
 
     def add_arguments(self, parser):
@@ -17,7 +17,9 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         try:
             seconds = text_say_to_wav(
-                text=options["text"], out=options["output"], kind=options["tts"],
+                text=options["text"],
+                out=options["output"],
+                kind=options["tts"],
                 voice=options["voice"],
             )
         except (ValueError, OSError, ProviderError) as exc:

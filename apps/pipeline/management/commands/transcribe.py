@@ -7,7 +7,7 @@ from apps.pipeline.providers.base import ProviderError
 
 
 class Command(BaseCommand):
-    requires_system_checks = []  # audio tools: no database, URLs or models involved
+    requires_system_checks = ()  # audio tools: no database, URLs or models involved
     help = "Transcribe an audio file (any format PyAV reads); the transcript goes to stdout."
 
     def add_arguments(self, parser):

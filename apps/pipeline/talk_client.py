@@ -1,0 +1,154 @@
+"""A real WebSocket client for the conversation socket (docs/protocol.md):
+it streams PCM at real-time pace and records every event with the time it
+arrived. Used by `manage.py talk`, the end-to-end tests, the benchmarks and
+the load tests. Built on websocket-client, which is gevent-friendly (Locust)."""
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import websocket
+
+FRAME_BYTES = 3200  # 100 ms of PCM16 16 kHz mono
+
+
+@dataclass
+class Received:
+    t: float  # seconds since the client connected
+    event: dict  # a JSON event, or {"type": "binary", "bytes": n}
+
+
+@dataclass
+class TalkClient:
+    url: str
+    session_cookie: str = ""
+    origin: str = ""
+    on_event: object = None  # callable(Received) or None
+    received: list[Received] = field(default_factory=list)
+    closed: threading.Event = field(default_factory=threading.Event)
+    close_code: int | None = None
+
+    def connect(self, *, resume_from: int = 0, timeout: float = 10) -> dict:
+        parts = urlsplit(self.url)
+        origin = self.origin or f"{'https' if parts.scheme == 'wss' else 'http'}://{parts.netloc}"
+        headers = [f"Cookie: sessionid={self.session_cookie}"] if self.session_cookie else []
+        self._t0 = time.monotonic()
+        self._changed = threading.Condition()
+        self.ws = websocket.create_connection(self.url, header=headers, origin=origin, timeout=timeout)
+        self.ws.settimeout(None)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.send_json({"type": "hello", "protocol": 1, "resume_from": resume_from})
+        return self.wait_for(lambda e: e["type"] in ("ready", "error"), timeout=timeout).event
+
+    def _read(self) -> None:
+        while True:
+            try:
+                opcode, data = self.ws.recv_data()
+            except Exception:  # noqa: BLE001 — any failure ends the socket
+                break
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                if len(data) >= 2:
+                    self.close_code = int.from_bytes(data[:2], "big")
+                break
+            if opcode == websocket.ABNF.OPCODE_TEXT:
+                event = json.loads(data)
+            else:
+                event = {"type": "binary", "bytes": len(data), "data": data}
+            self._record(event)
+        self.closed.set()
+        with self._changed:
+            self._changed.notify_all()
+
+    def _record(self, event: dict) -> None:
+        item = Received(time.monotonic() - self._t0, event)
+        with self._changed:
+            self.received.append(item)
+            self._changed.notify_all()
+        if self.on_event:
+            self.on_event(item)
+
+    def now(self) -> float:
+        return time.monotonic() - self._t0
+
+    def send_json(self, message: dict) -> None:
+        self.ws.send(json.dumps(message))
+
+    def send_bytes(self, data: bytes) -> None:
+        self.ws.send_binary(data)
+
+    def stream(self, pcm: bytes, *, pace: float = 1.0, frame_bytes: int = FRAME_BYTES) -> float:
+        """Send PCM16 16 kHz mono in 100 ms frames at `pace` × real time;
+        returns when the last frame was sent (client clock)."""
+        start = time.monotonic()
+        frame_s = frame_bytes / 32_000
+        for n, offset in enumerate(range(0, len(pcm), frame_bytes)):
+            delay = start + n * frame_s / pace - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            self.send_bytes(pcm[offset : offset + frame_bytes])
+        return self.now()
+
+    def wait_for(self, predicate, *, timeout: float = 30, after: int = 0) -> Received:
+        """The first event (from index `after`) that matches, waiting for it."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for item in self.received[after:]:
+                    if predicate(item.event):
+                        return item
+                left = deadline - time.monotonic()
+                if left <= 0 or self.closed.is_set():
+                    types = [r.event["type"] for r in self.received[after:]][-15:]
+                    raise TimeoutError(f"no matching event within {timeout}s; last: {types}")
+                self._changed.wait(left)
+
+    def wait_quiet(self, *, quiet: float = 1.5, timeout: float = 30) -> None:
+        """Until nothing has arrived for `quiet` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            last = self.received[-1].t if self.received else 0
+            if self.now() - last >= quiet:
+                return
+            time.sleep(0.05)
+
+    def events(self, type_: str | None = None) -> list[dict]:
+        return [r.event for r in self.received if type_ is None or r.event["type"] == type_]
+
+    def close(self) -> None:
+        try:
+            self.ws.close()
+        finally:
+            self.closed.wait(2)
+
+
+def turn_after_speech(client: TalkClient, *, after: int, timeout: float = 60) -> dict:
+    """Wait for one spoken turn to settle: its final transcript and reply
+    (with all its audio), or an empty transcript. Returns a summary."""
+    end = client.wait_for(lambda e: e["type"] in ("speech.end",), timeout=timeout, after=after)
+    outcome = client.wait_for(
+        lambda e: e["type"] in ("transcript.final", "transcript.empty")
+        and not e.get("replayed"),
+        timeout=timeout,
+        after=after,
+    )
+    summary = {"speech_end_t": end.t, "final_t": outcome.t, "final": outcome.event}
+    if outcome.event["type"] == "transcript.empty":
+        return summary
+    done = client.wait_for(lambda e: e["type"] == "reply.done", timeout=timeout, after=after)
+    summary["reply"] = done.event
+    first_delta = client.wait_for(lambda e: e["type"] == "reply.delta", timeout=1, after=after)
+    summary["first_token_t"] = first_delta.t
+    client.wait_quiet(quiet=1.5, timeout=timeout)
+    audio_starts = [
+        r for r in client.received[after:] if r.event["type"] == "reply.audio.start"
+    ]
+    summary["first_audio_t"] = audio_starts[0].t if audio_starts else None
+    summary["audio_bytes"] = sum(r.event["bytes"] for r in audio_starts)
+    summary["audio_received"] = sum(
+        r.event["bytes"] for r in client.received[after:] if r.event["type"] == "binary"
+    )
+    summary["sample_rate"] = audio_starts[0].event["sample_rate"] if audio_starts else None
+    return summary
