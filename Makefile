@@ -13,7 +13,8 @@ SYSTEM_COMMANDS := pgbouncer chromium chromedriver espeak-ng sox
 SYSTEM_PACKAGES := pgbouncer chromium chromium-driver espeak-ng sox
 
 # Services mode: Postgres through our PgBouncer (scripts/services.sh), Redis db 0 as the base.
-SERVICES_ENV := DATABASE_URL=postgres://postgres@127.0.0.1:6432/parley \
+export PGBOUNCER_PORT ?= 6432
+SERVICES_ENV := DATABASE_URL=postgres://postgres@127.0.0.1:$(PGBOUNCER_PORT)/parley \
 	DATABASE_TEST_NAME=test_parley \
 	REDIS_URL=redis://127.0.0.1:6379/0 \
 	PARLEY_TEST_MODE=services

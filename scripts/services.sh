@@ -14,7 +14,9 @@ PG_PORT=5432
 REDIS_PORT=6379
 PGB_PORT=${PGBOUNCER_PORT:-6432}
 PGB_TEMPLATE=$ROOT/deploy/pgbouncer/pgbouncer.ini
-RUN_DIR=$ROOT/var/pgbouncer
+RUN_LINK=$ROOT/var/pgbouncer
+# var/pgbouncer may be a symlink (see prepare_run_dir): PgBouncer gets real paths.
+RUN_DIR=$(readlink -f "$RUN_LINK" 2>/dev/null || echo "$RUN_LINK")
 DATABASES=(parley test_parley)
 
 say() { printf 'services: %s\n' "$*"; }
@@ -43,8 +45,12 @@ pgb_pid() {
     [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && echo "$pid"
 }
 
-# PgBouncer refuses to run as root: as root it runs as `postgres`.
-pgb_user() { if [[ $(id -u) -eq 0 ]]; then echo postgres; else id -un; fi; }
+# A PgBouncer in transaction mode that knows our databases.
+pgb_compatible() {
+    local admin="psql -h 127.0.0.1 -p $PGB_PORT -U postgres -d pgbouncer -tA"
+    [[ "$($admin -c 'SHOW CONFIG' 2>/dev/null | awk -F'|' '$1 == "pool_mode" {print $2}')" == transaction ]] &&
+        [[ $($admin -c 'SHOW DATABASES' 2>/dev/null | cut -d'|' -f1 | grep -cxE 'parley|test_parley') -eq 2 ]]
+}
 
 start_postgres() {
     if pg_up; then return 0; fi
@@ -74,11 +80,31 @@ create_databases() {
     done
 }
 
+# var/pgbouncer must be writable by the user PgBouncer runs as, and every
+# directory above it traversable by that user: PgBouncer opens its pidfile and
+# logfile after dropping root. When the work tree is not reachable by postgres
+# (a clone under /root, mode 700), var/pgbouncer becomes a symlink to a private
+# directory under /tmp, one per work tree.
+prepare_run_dir() {
+    mkdir -p "$RUN_LINK"
+    RUN_DIR=$(readlink -f "$RUN_LINK")
+    [[ $(id -u) -eq 0 ]] || return 0
+    chown postgres: "$RUN_DIR"
+    runuser -u postgres -- test -w "$RUN_DIR" && return 0
+    local fallback
+    fallback=${TMPDIR:-/tmp}/parley-pgbouncer-$(printf '%s' "$ROOT" | cksum | cut -d' ' -f1)
+    mkdir -p "$fallback"
+    chown postgres: "$fallback"
+    chmod 700 "$fallback"
+    runuser -u postgres -- test -w "$fallback" || die "no directory writable by postgres for PgBouncer"
+    rm -rf "$RUN_LINK"
+    ln -s "$fallback" "$RUN_LINK"
+    RUN_DIR=$fallback
+    say "var/pgbouncer -> $fallback (the work tree is not reachable by postgres)"
+}
+
 render_pgbouncer() {
-    # var/pgbouncer must be writable by the user PgBouncer runs as, and every
-    # directory above it traversable by that user (pidfile and logfile are
-    # opened after it has dropped root).
-    mkdir -p "$RUN_DIR"
+    prepare_run_dir
     sed -e "s|@RUN_DIR@|$RUN_DIR|g" -e "s|@PORT@|$PGB_PORT|g" "$PGB_TEMPLATE" >"$RUN_DIR/pgbouncer.ini.new"
     printf '"postgres" ""\n' >"$RUN_DIR/userlist.txt"
     if [[ $(id -u) -eq 0 ]]; then chown -R postgres: "$RUN_DIR"; fi
@@ -111,18 +137,19 @@ start_pgbouncer() {
     mv "$RUN_DIR/pgbouncer.ini.new" "$RUN_DIR/pgbouncer.ini"
     if pgb_up; then
         stop_foreign_pgbouncer
-        pgb_up && die "port $PGB_PORT is taken by a PgBouncer that is not ours"
+        if pgb_up; then
+            # Another checkout's PgBouncer, started from this same template, will do.
+            if pgb_compatible; then
+                say "using the PgBouncer already on 127.0.0.1:$PGB_PORT (started elsewhere)"
+                return 0
+            fi
+            die "port $PGB_PORT is taken by a PgBouncer that is not ours (stop it, or set PGBOUNCER_PORT)"
+        fi
     fi
     rm -f "$RUN_DIR/pgbouncer.pid"
     say "starting PgBouncer on 127.0.0.1:$PGB_PORT (log: var/pgbouncer/pgbouncer.log)"
-    local user
-    user=$(pgb_user)
-    if [[ $(id -u) -eq 0 ]]; then
-        # Fails early and clearly when the work tree is not reachable by postgres
-        # (for example a clone under /root, which is mode 700).
-        runuser -u "$user" -- test -w "$RUN_DIR" ||
-            die "$RUN_DIR is not writable by $user: put the work tree where $user can reach it (every parent directory needs o+x)"
-        pgbouncer -d -u "$user" "$RUN_DIR/pgbouncer.ini"
+    if [[ $(id -u) -eq 0 ]]; then # PgBouncer refuses to run as root
+        pgbouncer -d -u postgres "$RUN_DIR/pgbouncer.ini"
     else
         pgbouncer -d "$RUN_DIR/pgbouncer.ini"
     fi

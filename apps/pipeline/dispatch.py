@@ -25,8 +25,9 @@ def home_loop() -> asyncio.AbstractEventLoop | None:
 def _executor(queue: str) -> ThreadPoolExecutor:
     with _executors_lock:
         if queue not in _executors:
-            workers = 1 if queue == "stt" else settings.IN_PROCESS_WORKERS
-            _executors[queue] = ThreadPoolExecutor(workers, thread_name_prefix=f"worker-{queue}")
+            _executors[queue] = ThreadPoolExecutor(
+                settings.IN_PROCESS_WORKERS, thread_name_prefix=f"worker-{queue}"
+            )
         return _executors[queue]
 
 

@@ -98,17 +98,25 @@ def synthesize_sentence(
     """Speak one sentence of a reply and push its audio. A cancelled reply
     (barge-in) is skipped; a failure pushes empty audio so later sentences
     still play in order."""
-    sample_rate, pcm, failed = 16_000, b"", ""
+    sample_rate, pcm, failed, engine = 16_000, b"", "", tts_kind or settings.TTS_KIND
     if not cache.get(_cancel_key(reply_id)):
         try:
-            speech = tts_get(tts_kind).synthesize(text, voice=voice)
+            speech = tts_get(engine).synthesize(text, voice=voice)
             sample_rate, pcm = speech.sample_rate, speech.pcm
         except ProviderError as exc:
             failed = exc.code
             publish(conversation_id, event("error", code=exc.code, message=exc.message))
     publish(
         conversation_id,
-        event("reply.audio", reply_id=reply_id, index=index, sample_rate=sample_rate, pcm=pcm, error=failed),
+        event(
+            "reply.audio",
+            reply_id=reply_id,
+            index=index,
+            sample_rate=sample_rate,
+            pcm=pcm,
+            engine=engine,
+            error=failed,
+        ),
     )
 
 

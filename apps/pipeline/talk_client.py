@@ -30,7 +30,7 @@ class TalkClient:
     closed: threading.Event = field(default_factory=threading.Event)
     close_code: int | None = None
 
-    def connect(self, *, resume_from: int = 0, timeout: float = 10) -> dict:
+    def connect(self, *, resume_from: int = 0, timeout: float = 10, hello: bool = True) -> dict:
         parts = urlsplit(self.url)
         origin = self.origin or f"{'https' if parts.scheme == 'wss' else 'http'}://{parts.netloc}"
         headers = [f"Cookie: sessionid={self.session_cookie}"] if self.session_cookie else []
@@ -40,8 +40,13 @@ class TalkClient:
         self.ws.settimeout(None)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        if not hello:
+            return {}
         self.send_json({"type": "hello", "protocol": 1, "resume_from": resume_from})
-        return self.wait_for(lambda e: e["type"] in ("ready", "error"), timeout=timeout).event
+        ready = self.wait_for(lambda e: e["type"] in ("ready", "error"), timeout=timeout).event
+        if ready["type"] == "ready" and ready["last_seq"] > resume_from:  # replay follows
+            self.wait_for(lambda e: e.get("seq") == ready["last_seq"], timeout=timeout)
+        return ready
 
     def _read(self) -> None:
         while True:

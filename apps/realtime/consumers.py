@@ -358,6 +358,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                 sample_rate=message["sample_rate"],
                 format="pcm_s16le",
                 bytes=len(pcm),
+                engine=message.get("engine", ""),
                 **extra,
             )
         )

@@ -152,10 +152,14 @@ def test_pgbouncer_caps_postgres_backends(services_mode):
 
     import psycopg
 
-    assert settings.DATABASES["default"]["PORT"] in (6432, "6432")  # Django goes through it
-    with psycopg.connect(
-        host="127.0.0.1", port=6432, dbname="pgbouncer", user="postgres", autocommit=True
-    ) as admin:
+    # Django's DATABASE_URL is PgBouncer (127.0.0.1:6432 under `make test`)
+    pgbouncer = {
+        "host": settings.DATABASES["default"]["HOST"],
+        "port": int(settings.DATABASES["default"]["PORT"]),
+        "user": "postgres",
+    }
+    assert pgbouncer["port"] != 5432
+    with psycopg.connect(**pgbouncer, dbname="pgbouncer", autocommit=True) as admin:
         config = dict(row[:2] for row in admin.execute("SHOW CONFIG").fetchall())
     assert config["pool_mode"] == "transaction"
     assert int(config["default_pool_size"]) == POOL_SIZE
@@ -168,9 +172,12 @@ def test_pgbouncer_caps_postgres_backends(services_mode):
 
     def client() -> int:
         with psycopg.connect(
-            host="127.0.0.1", port=6432, dbname="parley", user="postgres",
-            autocommit=True, prepare_threshold=None, connect_timeout=30,
-        ) as conn:  # fmt: skip
+            **pgbouncer,
+            dbname="parley",
+            autocommit=True,
+            prepare_threshold=None,
+            connect_timeout=30,
+        ) as conn:
             start.wait(timeout=60)
             for _ in range(rounds):
                 conn.execute("SELECT pg_sleep(0.2)")
