@@ -157,7 +157,10 @@ def reply_finish(
     final_to_first_token_ms: int | None,
     reply_total_ms: int | None,
     error_code: str = "",
+    audio_parts: int = 0,
 ) -> Message:
+    """Store the finished (or interrupted, or failed) reply and tell the sockets;
+    `audio_parts` is how many sentences were sent to be spoken."""
     message = Message.objects.select_related("conversation").get(pk=message_id)
     message.text = text
     message.status = status
@@ -187,6 +190,7 @@ def reply_finish(
             text=text,
             status=status,
             error_code=error_code,
+            audio_parts=audio_parts,
             final_to_first_token_ms=final_to_first_token_ms,
             reply_total_ms=reply_total_ms,
         ),

@@ -18,7 +18,7 @@ from apps.realtime.events import apublish, event, publish
 
 from .audio_store import audio_store, utterance_key
 from .dispatch import enqueue
-from .providers.base import ChatMessage, ProviderError, ReplyRequest
+from .providers.base import ChatMessage, ProviderError, ReplyRequest, ReplyUsage
 from .providers.registry import llm_get, stt_get, tts_get
 from .sentences import SentenceSplitter
 
@@ -62,12 +62,15 @@ def transcribe_window(
     ).exists():
         return
     pcm = audio_store().read(key, 0, end_byte)
-    stt = stt_get(stt_kind)
+    provider, result = stt_kind or settings.STT_KIND, None
     try:
-        result = stt.transcribe(pcm)
+        result = stt_get(provider).transcribe(pcm)
     except ProviderError as exc:
         publish(conversation_id, event("error", code=exc.code, message=exc.message))
-        result = None
+    except Exception:
+        log.exception("speech-to-text failed")
+        publish(conversation_id, event("error", code="stt_unavailable",
+                                       message="Speech recognition failed for that utterance."))
     if not final:
         publish(
             conversation_id,
@@ -84,7 +87,7 @@ def transcribe_window(
         start_ms=start_ms,
         end_ms=start_ms + len(pcm) // BYTES_PER_MS,
         speech_end_at=speech_end_at,
-        provider=stt.kind,
+        provider=provider,
     )
     audio_store().delete(key)
 
@@ -106,6 +109,10 @@ def synthesize_sentence(
         except ProviderError as exc:
             failed = exc.code
             publish(conversation_id, event("error", code=exc.code, message=exc.message))
+        except Exception:
+            log.exception("text-to-speech failed")
+            failed = "tts_unavailable"
+            publish(conversation_id, event("error", code=failed, message="Speech synthesis failed."))
     publish(
         conversation_id,
         event(
@@ -183,9 +190,9 @@ async def reply_run(
     plan = await database_sync_to_async(reply_prepare)(conversation_id=conversation_id)
     reply_id = str(plan.message.id)
     state.reply_id = reply_id
-    stream = llm_get(plan.llm_kind).stream_reply(plan.request)
     splitter = SentenceSplitter()
     status, error_code = Message.Status.COMPLETE, ""
+    usage = ReplyUsage()
 
     def speak_sentences(sentences: list[str]) -> None:
         if not speak:
@@ -195,6 +202,8 @@ async def reply_run(
             state.sentences += 1
 
     try:
+        stream = llm_get(plan.llm_kind).stream_reply(plan.request)
+        usage = stream.usage
         async for delta in stream.deltas:
             if state.first_token_at is None:
                 state.first_token_at = time.time()
@@ -207,6 +216,11 @@ async def reply_run(
     except ProviderError as exc:
         status, error_code = Message.Status.FAILED, exc.code
         await apublish(conversation_id, event("error", code=exc.code, message=exc.message))
+    except Exception:
+        log.exception("reply failed")
+        status, error_code = Message.Status.FAILED, "llm_unavailable"
+        await apublish(conversation_id, event(
+            "error", code=error_code, message="The persona could not answer just now."))
     finally:
         state.done = True
         first_ms = _ms_between(final_at, state.first_token_at)
@@ -215,11 +229,12 @@ async def reply_run(
                 message_id=plan.message.id,
                 text=state.text,
                 status=status,
-                prompt_tokens=stream.usage.prompt_tokens,
-                completion_tokens=stream.usage.completion_tokens,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
                 final_to_first_token_ms=first_ms,
                 reply_total_ms=_ms_between(final_at, time.time()),
                 error_code=error_code,
+                audio_parts=state.sentences,
             )
         )
     if status == Message.Status.INTERRUPTED:

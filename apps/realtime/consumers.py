@@ -85,6 +85,8 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         self.cancelled_replies: set[str] = set()
         self.error_sent_at: dict[str, float] = {}
         self.my_utterances: set[str] = set()
+        self.held: list[dict] = []  # group events that came before hello's replay
+        self.sent_seqs: set[int] = set()  # stored turns this socket has been sent
         user = self.scope.get("user")
         await self.accept()
         if user is None or not user.is_authenticated:
@@ -101,7 +103,13 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             )
         self.conversation = conversation
         self.user_id = user.pk
-        self.stt_kind = conversation.persona.stt_kind or settings.STT_KIND
+        persona = conversation.persona
+        self.stt_kind = persona.stt_kind or settings.STT_KIND
+        self.engines = {
+            "stt": self.stt_kind,
+            "llm": persona.llm_kind or settings.LLM_KIND,
+            "tts": persona.tts_kind or settings.TTS_KIND,
+        }
         self.endpointer = Endpointer(
             end_silence_ms=settings.VAD_END_SILENCE_MS,
             min_speech_ms=settings.VAD_MIN_SPEECH_MS,
@@ -139,7 +147,13 @@ class ConversationConsumer(AsyncWebsocketConsumer):
     async def control(self, message: dict) -> None:
         kind = message["type"]
         if kind == "hello":
-            return await self.hello(parse_hello(message))
+            try:
+                resume_from = parse_hello(message)
+            except ProtocolError as exc:
+                if exc.code != "unsupported_protocol":
+                    raise
+                return await self.refuse(CLOSE_UNSUPPORTED_PROTOCOL, exc.code, exc.message)
+            return await self.hello(resume_from)
         if not self.greeted:
             raise ProtocolError("hello_required", 'Send {"type": "hello"} first.')
         if kind == "ping":
@@ -170,13 +184,17 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                 last_seq=max([resume_from, *(m.seq for m in messages)]),
                 audio={"sample_rate": 16000, "format": "pcm_s16le", "channels": 1,
                        "max_frame_bytes": settings.AUDIO_FRAME_MAX_BYTES},
-                engines={"stt": self.stt_kind, "llm": settings.LLM_KIND, "tts": settings.TTS_KIND},
-                llm_is_offline_echo=(conversation.persona.llm_kind or settings.LLM_KIND) == "echo",
+                engines=self.engines,
+                llm_is_offline_echo=self.engines["llm"] == "echo",
             )
         )
         for replayed in await database_sync_to_async(replay_events)(messages=messages):
-            await self.send_event(replayed)
+            await self.forward(replayed, replay=True)
+        # Live events that came while replaying: send them, minus what the replay held.
         self.greeted = True
+        held, self.held = self.held, []
+        for message in held:
+            await self.forward(message)
 
     async def text(self, text: str) -> None:
         await self.check_quota()
@@ -184,7 +202,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         await database_sync_to_async(text_message_add)(
             conversation_id=self.conversation.id, text=text
         )
-        self.start_reply(final_at=time.time())
+        await self.start_reply(final_at=time.time())
 
     async def check_quota(self) -> None:
         problem = await database_sync_to_async(user_quota_problem)(user_id=self.user_id)
@@ -205,7 +223,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         self.stream_ms += frame_ms
         for happened in self.endpointer.feed(data):
             if happened.kind == "start":
-                await self.utterance_start(happened.audio)
+                await self.utterance_start(happened.audio, frame_ms)
             else:
                 await self.utterance_append(data)
                 await self.utterance_end(reason=happened.reason)
@@ -213,17 +231,13 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         if self.utterance is not None:
             await self.utterance_append(data)
 
-    async def utterance_start(self, preroll: bytes) -> None:
-        start_ms = max(0, int(self.stream_ms) - len(preroll) // BYTES_PER_MS)
+    async def utterance_start(self, preroll: bytes, frame_ms: float) -> None:
+        await self.check_quota()  # raises: no utterance, the frames are not kept
+        start_ms = max(0, int(self.stream_ms - frame_ms) - len(preroll) // BYTES_PER_MS)
         self.utterance = Utterance(start_ms=start_ms)
         self.my_utterances.add(self.utterance.id)
         await self.send_event(event("speech.start", utterance_id=self.utterance.id))
         await self.interrupt_reply()
-        try:
-            await self.check_quota()
-        except ProtocolError:
-            self.utterance = None
-            raise
         await self.utterance_append(preroll)
 
     async def utterance_append(self, data: bytes) -> None:
@@ -268,7 +282,8 @@ class ConversationConsumer(AsyncWebsocketConsumer):
 
     # --- replies ---------------------------------------------------------------
 
-    def start_reply(self, *, final_at: float) -> None:
+    async def start_reply(self, *, final_at: float) -> None:
+        await self.interrupt_reply()  # one reply at a time
         self.reply_state = ReplyState()
         self.reply_task = asyncio.create_task(
             reply_run(conversation_id=self.conversation.id, final_at=final_at, state=self.reply_state)
@@ -277,6 +292,9 @@ class ConversationConsumer(AsyncWebsocketConsumer):
     async def interrupt_reply(self) -> None:
         """Barge-in: stop the reply's tokens and drop its pending audio."""
         state, task = self.reply_state, self.reply_task
+        if task is not None and not task.done() and not state.reply_id:
+            task.cancel()  # still preparing: nothing said yet
+            return
         if not state.reply_id or state.reply_id in self.cancelled_replies:
             return
         if state.done and self.audio_sent.get(state.reply_id, 0) >= state.sentences:
@@ -304,32 +322,47 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             await self.send_event(message)
 
     async def transcript_final(self, message: dict) -> None:
-        await self.send_event(message)
-        if message.get("replayed"):
-            return
+        await self.forward(message)
         if message["utterance_id"] in self.my_utterances:  # this socket heard it: reply
             self.my_utterances.discard(message["utterance_id"])
-            self.start_reply(final_at=time.time())
+            await self.start_reply(final_at=time.time())
 
     async def transcript_empty(self, message: dict) -> None:
-        await self.send_event(message)
+        self.my_utterances.discard(message["utterance_id"])
+        await self.forward(message)
 
     async def reply_delta(self, message: dict) -> None:
         if message["reply_id"] not in self.cancelled_replies:
-            await self.send_event(message)
+            await self.forward(message)
 
     async def reply_done(self, message: dict) -> None:
-        await self.send_event(message)
+        await self.forward(message)
 
     async def reply_interrupted(self, message: dict) -> None:
-        await self.send_event(message)
+        await self.forward(message)
 
     async def error(self, message: dict) -> None:
+        await self.forward(message)
+
+    async def forward(self, message: dict, *, replay: bool = False) -> None:
+        """Send a group event (or a replayed turn) once: events that arrive
+        before hello's replay is sent wait for it, and a stored turn (by seq)
+        is never sent twice."""
+        if not self.greeted and not replay:
+            self.held.append(message)
+            return
+        seq = message.get("seq")
+        if seq is not None and message["type"] != "reply.interrupted":
+            if seq in self.sent_seqs:
+                return
+            self.sent_seqs.add(seq)
         await self.send_event(message)
 
     async def reply_audio(self, message: dict) -> None:
         """Sentences may be synthesised out of order; send them in order."""
         reply_id = message["reply_id"]
+        if not self.greeted:
+            self.cancelled_replies.add(reply_id)  # began before this socket: text only
         if reply_id in self.cancelled_replies:
             return
         waiting = self.audio_waiting.setdefault(reply_id, {})

@@ -280,8 +280,8 @@ def test_reconnect_mid_reply_shows_each_message_once(page):
     assert was_streaming
 
     # then the page reconnects, resumes, and every stored turn is shown exactly once
+    page.wait_for_function("window.__states.includes('reconnecting')")
     expect(page.locator("#status")).to_have_attribute("data-state", "live", timeout=30_000)
-    assert "reconnecting" in page.evaluate("window.__states")
     reply = page.locator("#log li.msg.assistant[data-seq='3']")
     expect(reply).to_contain_text("the end", timeout=TURN_TIMEOUT_MS)
     wait_until_stored_and_shown(page, count=3)

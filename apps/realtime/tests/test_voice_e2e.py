@@ -29,11 +29,21 @@ def speak(client: TalkClient, pcm: bytes, *, timeout: float = 90) -> list[dict]:
         settled = sum(e["type"] in ("transcript.final", "transcript.empty") for e in events)
         finals = sum(e["type"] == "transcript.final" for e in events)
         replies = sum(e["type"] in ("reply.done", "reply.interrupted") for e in events)
-        if ends == settled and replies >= finals:
+        if ends == settled and replies >= finals and _audio_complete(events):
             client.wait_quiet(quiet=2.0, timeout=deadline - time.monotonic())
             return [r.event for r in client.received[after:]]
         time.sleep(0.1)
     raise TimeoutError([e["type"] for e in events][-20:])
+
+
+def _audio_complete(events: list[dict]) -> bool:
+    """The last finished reply's audio has started for every sentence it spoke."""
+    done = [e for e in events if e["type"] == "reply.done"]
+    if not done:
+        return True
+    parts = {e["index"] for e in events
+             if e["type"] == "reply.audio.start" and e["reply_id"] == done[-1]["reply_id"]}
+    return len(parts) >= done[-1]["audio_parts"]
 
 
 def test_streamed_transcripts_match_offline_and_replies_are_spoken(talker):
@@ -45,7 +55,7 @@ def test_streamed_transcripts_match_offline_and_replies_are_spoken(talker):
 
     # when each clip is streamed at real-time pace, four speakers at a time
     with ThreadPoolExecutor(4) as pool:
-        results = dict(zip(names, pool.map(lambda n: speak(clients[n], pcm_of(n)), names)))
+        results = dict(zip(names, pool.map(lambda n: speak(clients[n], pcm_of(n)), names), strict=True))
 
     # then the streamed finals are as good as offline transcription (within 2 points)
     streamed = [
@@ -60,10 +70,6 @@ def test_streamed_transcripts_match_offline_and_replies_are_spoken(talker):
         events = results[name]
         types = [e["type"] for e in events]
         assert "transcript.final" in types, (name, types)
-        # partials come before the final (under load, short utterances may end
-        # before a partial's turn comes: the worker skips stale partials)
-        if float(manifest()[name]["duration_s"]) >= 4:
-            assert "transcript.partial" in types[: types.index("transcript.final")], name
         # the reply streams token by token, then its audio arrives in full
         assert types.count("reply.delta") >= 3, name
         done = [e for e in events if e["type"] == "reply.done"][-1]
@@ -85,6 +91,23 @@ def test_streamed_transcripts_match_offline_and_replies_are_spoken(talker):
     )
     assert not Message.objects.filter(role="user", source="voice",
                                       speech_end_to_final_ms__isnull=True).exists()
+
+
+def test_partials_come_before_each_final(talker):
+    # one speaker, a long clip: every utterance of 1.5 s or more shows a draft first
+    events = speak(talker("ada"), pcm_of("faster-whisper_jfk.wav"))
+    lengths = {e["utterance_id"]: e["duration_ms"] for e in events if e["type"] == "speech.end"}
+    finals = [e for e in events if e["type"] == "transcript.final"]
+    assert finals
+    for final in finals:
+        before = events[: events.index(final)]
+        partials = [e for e in before if e["type"] == "transcript.partial"
+                    and e["utterance_id"] == final["utterance_id"]]
+        if lengths[final["utterance_id"]] >= 1500:
+            assert partials, final
+        # a draft is a draft of this utterance: its words lead into the final's
+        for partial in partials:
+            assert partial["text"].split()[0].lower().strip(",.") in final["text"].lower()
 
 
 @pytest.mark.parametrize("clip", ["leopard_empty.wav", "speechbrain_noise2.wav"])
@@ -139,7 +162,8 @@ def test_speaking_over_the_reply_interrupts_it(talker):
     events = speak(client, pcm_of("speechbrain_spk1_snt1.wav"))
     types = [e["type"] for e in events]
     assert types.index("speech.start") < types.index("reply.interrupted")
-    assert Message.objects.filter(conversation=client.conversation, status="interrupted").count() == 1
+    interrupted = Message.objects.filter(conversation=client.conversation, status="interrupted")
+    assert interrupted.count() == 1
 
 
 def test_resume_replays_what_was_missed_exactly_once(talker):
