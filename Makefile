@@ -13,9 +13,11 @@ SYSTEM_COMMANDS := pgbouncer chromium chromedriver espeak-ng sox
 SYSTEM_PACKAGES := pgbouncer chromium chromium-driver espeak-ng sox
 
 # Services mode: Postgres through our PgBouncer (scripts/services.sh), Redis db 0 as the base.
+# TEST_DATABASE: give concurrent runs on one machine their own (PgBouncer routes any name).
 export PGBOUNCER_PORT ?= 6432
+TEST_DATABASE ?= test_parley
 SERVICES_ENV := DATABASE_URL=postgres://postgres@127.0.0.1:$(PGBOUNCER_PORT)/parley \
-	DATABASE_TEST_NAME=test_parley \
+	DATABASE_TEST_NAME=$(TEST_DATABASE) \
 	REDIS_URL=redis://127.0.0.1:6379/0 \
 	PARLEY_TEST_MODE=services
 PYTEST_ARGS ?=

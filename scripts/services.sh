@@ -125,16 +125,20 @@ stop_foreign_pgbouncer() {
 start_pgbouncer() {
     command -v pgbouncer >/dev/null || die "pgbouncer is not installed (make system-deps)"
     render_pgbouncer
-    local pid
-    if pid=$(pgb_pid) && pgb_up; then
-        if cmp -s "$RUN_DIR/pgbouncer.ini.new" "$RUN_DIR/pgbouncer.ini"; then
-            rm -f "$RUN_DIR/pgbouncer.ini.new"
+    local pid ini=$RUN_DIR/pgbouncer.ini
+    if pid=$(pgb_pid); then
+        if pgb_up; then # ours, on this port
+            if ! cmp -s "$ini.new" "$ini"; then
+                mv "$ini.new" "$ini"
+                say "PgBouncer configuration changed: reloading (clients stay connected)"
+                kill -HUP "$pid"
+            fi
+            rm -f "$ini.new"
             return 0
         fi
-        say "PgBouncer configuration changed: restarting"
-        stop_pgbouncer
+        stop_pgbouncer # ours, but on another port
     fi
-    mv "$RUN_DIR/pgbouncer.ini.new" "$RUN_DIR/pgbouncer.ini"
+    mv "$ini.new" "$ini"
     if pgb_up; then
         stop_foreign_pgbouncer
         if pgb_up; then
@@ -149,9 +153,9 @@ start_pgbouncer() {
     rm -f "$RUN_DIR/pgbouncer.pid"
     say "starting PgBouncer on 127.0.0.1:$PGB_PORT (log: var/pgbouncer/pgbouncer.log)"
     if [[ $(id -u) -eq 0 ]]; then # PgBouncer refuses to run as root
-        pgbouncer -d -u postgres "$RUN_DIR/pgbouncer.ini"
+        pgbouncer -d -u postgres "$ini"
     else
-        pgbouncer -d "$RUN_DIR/pgbouncer.ini"
+        pgbouncer -d "$ini"
     fi
     if ! wait_for 30 PgBouncer pgb_up; then
         tail -n 20 "$RUN_DIR/pgbouncer.log" >&2 || true

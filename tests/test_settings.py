@@ -33,7 +33,10 @@ print(json.dumps({
     "cache_backend": s.CACHES["default"]["BACKEND"],
     "cache_location": s.CACHES["default"].get("LOCATION"),
     "layer_backend": s.CHANNEL_LAYERS["default"]["BACKEND"],
-    "layer_hosts": s.CHANNEL_LAYERS["default"].get("CONFIG", {}).get("hosts"),
+    "layer_hosts": [
+        host if isinstance(host, str) else host["address"]
+        for host in s.CHANNEL_LAYERS["default"].get("CONFIG", {}).get("hosts", [])
+    ],
     "session_engine": s.SESSION_ENGINE,
     "broker": s.CELERY_BROKER_URL,
     "results": s.CELERY_RESULT_BACKEND,

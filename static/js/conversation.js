@@ -241,6 +241,7 @@ const handlers = {
     ui.echoNote.hidden = !e.llm_is_offline_echo;
     clearErrors("connection");
     setStatus("live");
+    send({ type: "ping", t: performance.now() }); // a first round-trip reading
   },
   "speech.start"() {
     hearing = true;

@@ -80,9 +80,7 @@ def chromium(fake_mic_wav):
 
 
 class ConsoleErrors(list):
-    """Console errors and uncaught exceptions of a page. One is ignored, by URL:
-    the browser's own request for /favicon.ico, which base.html does not declare and
-    the app does not serve (a 404 logged by Chromium, not by our code)."""
+    """Console errors and uncaught exceptions of a page; none are ignored."""
 
     def watch(self, page: Page) -> None:
         page.on("console", self.console)
@@ -90,8 +88,6 @@ class ConsoleErrors(list):
 
     def console(self, msg) -> None:
         if msg.type != "error":
-            return
-        if (msg.location or {}).get("url", "").endswith("/favicon.ico"):
             return
         self.append(f"console: {msg.text} at {msg.location}")
 
