@@ -56,3 +56,9 @@ def conversation_list_for_user(*, user, query: str = "") -> QuerySet[Conversatio
             Q(persona__name__icontains=query) | Q(messages__text__icontains=query)
         ).distinct()
     return conversations.annotate(message_count=Count("messages"))
+
+
+def turn_unanswered(*, conversation_id: UUID) -> Message | None:
+    """The conversation's last turn, when it is the user's (no reply began)."""
+    last = Message.objects.filter(conversation_id=conversation_id).order_by("-seq").first()
+    return last if last is not None and last.role == Message.Role.USER else None

@@ -24,6 +24,7 @@ from .sentences import SentenceSplitter
 
 log = logging.getLogger(__name__)
 BYTES_PER_MS = 32
+CANCEL_CHECK_S = 0.15  # how often a streaming reply looks for a stop from another socket
 
 
 def _cancel_key(reply_id: str) -> str:
@@ -127,6 +128,11 @@ def synthesize_sentence(
     )
 
 
+async def reply_claim(*, user_message_id) -> bool:
+    """One reply per user turn, whichever socket of the conversation asks first."""
+    return await cache.aadd(f"reply-for:{user_message_id}", 1, 3600)
+
+
 def reply_cancel_audio(*, reply_id: str) -> None:
     cache.set(_cancel_key(reply_id), 1, 300)
 
@@ -204,7 +210,13 @@ async def reply_run(
     try:
         stream = llm_get(plan.llm_kind).stream_reply(plan.request)
         usage = stream.usage
+        checked_at = time.monotonic()
         async for delta in stream.deltas:
+            if time.monotonic() - checked_at > CANCEL_CHECK_S:
+                # Stopped from a socket that does not own this task (it reconnected)?
+                checked_at = time.monotonic()
+                if await cache.aget(_cancel_key(reply_id)):
+                    raise asyncio.CancelledError
             if state.first_token_at is None:
                 state.first_token_at = time.time()
             state.text += delta

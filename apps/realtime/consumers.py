@@ -14,7 +14,11 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from apps.accounts.services import user_quota_problem
-from apps.conversations.selectors import conversation_for_socket, messages_after
+from apps.conversations.selectors import (
+    conversation_for_socket,
+    messages_after,
+    turn_unanswered,
+)
 from apps.conversations.services import (
     message_record_first_audio,
     replay_events,
@@ -24,6 +28,7 @@ from apps.pipeline.audio_store import audio_store, utterance_key
 from apps.pipeline.dispatch import enqueue
 from apps.pipeline.services import (
     ReplyState,
+    reply_claim,
     reply_cancel_audio,
     reply_run,
     utterance_mark_ended,
@@ -87,6 +92,8 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         self.my_utterances: set[str] = set()
         self.held: list[dict] = []  # group events that came before hello's replay
         self.sent_seqs: set[int] = set()  # stored turns this socket has been sent
+        self.last_reply_id = ""
+        self.background: set[asyncio.Task] = set()
         user = self.scope.get("user")
         await self.accept()
         if user is None or not user.is_authenticated:
@@ -125,6 +132,8 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         await self.close(code=code)
 
     async def disconnect(self, code):
+        for task in self.background:
+            task.cancel()
         if self.conversation is None:
             return
         if self.utterance is not None:
@@ -162,7 +171,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             if self.endpointer.force_end():
                 await self.utterance_end(reason="client")
         elif kind == "interrupt":
-            await self.interrupt_reply()
+            await self.interrupt_reply(everywhere=True)
         elif kind == "text":
             await self.text(parse_text(message))
 
@@ -195,13 +204,18 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         held, self.held = self.held, []
         for message in held:
             await self.forward(message)
+        # A turn that no socket answered (it dropped before its final came): answer it now.
+        pending = await database_sync_to_async(turn_unanswered)(conversation_id=conversation.id)
+        if pending is not None and await reply_claim(user_message_id=pending.id):
+            await self.start_reply(final_at=time.time())
 
     async def text(self, text: str) -> None:
         await self.check_quota()
-        await self.interrupt_reply()
-        await database_sync_to_async(text_message_add)(
+        await self.interrupt_reply(everywhere=True)
+        message = await database_sync_to_async(text_message_add)(
             conversation_id=self.conversation.id, text=text
         )
+        await reply_claim(user_message_id=message.id)
         await self.start_reply(final_at=time.time())
 
     async def check_quota(self) -> None:
@@ -237,7 +251,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         self.utterance = Utterance(start_ms=start_ms)
         self.my_utterances.add(self.utterance.id)
         await self.send_event(event("speech.start", utterance_id=self.utterance.id))
-        await self.interrupt_reply()
+        await self.interrupt_reply(everywhere=True)
         await self.utterance_append(preroll)
 
     async def utterance_append(self, data: bytes) -> None:
@@ -289,9 +303,13 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             reply_run(conversation_id=self.conversation.id, final_at=final_at, state=self.reply_state)
         )
 
-    async def interrupt_reply(self) -> None:
-        """Barge-in: stop the reply's tokens and drop its pending audio."""
+    async def interrupt_reply(self, *, everywhere: bool = False) -> None:
+        """Barge-in: stop the reply's tokens and drop its pending audio. A reply
+        may run on another socket of the conversation (one that reconnected):
+        `everywhere` asks the other sockets to stop theirs too."""
         state, task = self.reply_state, self.reply_task
+        if everywhere and (task is None or task.done()):
+            await self.interrupt_elsewhere()
         if task is not None and not task.done() and not state.reply_id:
             task.cancel()  # still preparing: nothing said yet
             return
@@ -310,6 +328,29 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             )
         await database_sync_to_async(reply_cancel_audio)(reply_id=state.reply_id)
 
+    async def interrupt_elsewhere(self) -> None:
+        reply_id = self.last_reply_id
+        if reply_id and reply_id not in self.cancelled_replies:
+            self.cancelled_replies.add(reply_id)
+            self.audio_waiting.pop(reply_id, None)
+            await database_sync_to_async(reply_cancel_audio)(reply_id=reply_id)
+        await self.channel_layer.group_send(
+            group_name(self.conversation.id), {"type": "reply.cancel", "sender": self.channel_name}
+        )
+
+    async def reply_cancel(self, message: dict) -> None:
+        if message["sender"] != self.channel_name:
+            await self.interrupt_reply()
+
+    async def claim_reply_later(self, message: dict) -> None:
+        """Answer a final whose speaker's socket is gone: the socket that heard
+        it claims it at once; any other waits a moment, then claims what is left."""
+        await asyncio.sleep(1.5)
+        if self.conversation is not None and await reply_claim(
+            user_message_id=message["message_id"]
+        ):
+            await self.start_reply(final_at=time.time())
+
     # --- group events -> client ---------------------------------------------------
 
     async def transcript_partial(self, message: dict) -> None:
@@ -323,15 +364,23 @@ class ConversationConsumer(AsyncWebsocketConsumer):
 
     async def transcript_final(self, message: dict) -> None:
         await self.forward(message)
+        if message["source"] != "voice":
+            return
         if message["utterance_id"] in self.my_utterances:  # this socket heard it: reply
             self.my_utterances.discard(message["utterance_id"])
-            await self.start_reply(final_at=time.time())
+            if await reply_claim(user_message_id=message["message_id"]):
+                await self.start_reply(final_at=time.time())
+        else:
+            task = asyncio.create_task(self.claim_reply_later(message))
+            self.background.add(task)
+            task.add_done_callback(self.background.discard)
 
     async def transcript_empty(self, message: dict) -> None:
         self.my_utterances.discard(message["utterance_id"])
         await self.forward(message)
 
     async def reply_delta(self, message: dict) -> None:
+        self.last_reply_id = message["reply_id"]
         if message["reply_id"] not in self.cancelled_replies:
             await self.forward(message)
 

@@ -192,6 +192,39 @@ def test_resume_replays_what_was_missed_exactly_once(talker):
     assert seqs == stored and len(stored) == 2
 
 
+def test_a_turn_whose_socket_dropped_before_its_final_is_still_answered(talker):
+    # given a socket that drops right after the user stops speaking
+    first = talker("ada")
+    after = len(first.received)
+    first.stream(pcm_of("speechbrain_spk1_snt3.wav") + SILENCE_2S[:24_000])
+    first.wait_for(lambda e: e["type"] == "speech.end", after=after)
+    first.close()
+
+    # when the page reconnects
+    again = talker(user=first.user, conversation=first.conversation, resume_from=1)
+
+    # then it gets the final transcript and the reply, once each
+    final = again.wait_for(lambda e: e["type"] == "transcript.final", timeout=60).event
+    done = again.wait_for(lambda e: e["type"] == "reply.done" and e["seq"] > final["seq"],
+                          timeout=60).event
+    again.wait_quiet(quiet=2.0)
+    assert "high level" in final["text"].lower() and "high level" in done["text"].lower()
+    assert Message.objects.filter(conversation=first.conversation, role="assistant",
+                                  source="llm").count() == 1
+
+
+def test_stop_from_a_reconnected_socket_interrupts_the_reply(talker):
+    first = talker("ada")
+    first.send_json({"type": "text", "text": LONG_TEXT})
+    first.wait_for(lambda e: e["type"] == "reply.delta")
+    first.close()  # the reply keeps streaming on the server
+    again = talker(user=first.user, conversation=first.conversation, resume_from=2)
+    again.wait_for(lambda e: e["type"] == "reply.delta")
+    again.send_json({"type": "interrupt"})
+    stopped = again.wait_for(lambda e: e["type"] == "reply.interrupted").event
+    assert Message.objects.get(pk=stopped["reply_id"]).status == "interrupted"
+
+
 def test_two_sessions_each_get_only_their_own_events(talker):
     alice, bob = talker("ada"), talker("sage")
     alice.send_json({"type": "text", "text": "apples are red"})

@@ -1,0 +1,221 @@
+import pytest
+from django.contrib.auth import SESSION_KEY
+from django.urls import reverse
+
+from apps.accounts.models import User
+
+from .factories import PASSWORD, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+NEW_PASSWORD = "another-Zebra-97"
+
+
+def logged_in_user_id(client) -> str | None:
+    return client.session.get(SESSION_KEY)
+
+
+# --- Sign up -------------------------------------------------------------------------
+
+
+def test_signup_creates_the_user_logs_them_in_and_goes_home(client):
+    # when
+    response = client.post(
+        "/accounts/signup/",
+        {"username": "newbie", "email": "newbie@example.com",
+         "password1": PASSWORD, "password2": PASSWORD},
+    )
+
+    # then
+    assert response.status_code == 302
+    assert response.url == reverse("home")
+    user = User.objects.get(username="newbie")
+    assert user.email == "newbie@example.com"
+    assert user.check_password(PASSWORD)
+    assert logged_in_user_id(client) == str(user.pk)
+
+
+def test_signup_with_a_weak_password_shows_errors_and_creates_nobody(client):
+    # when
+    response = client.post(
+        "/accounts/signup/",
+        {"username": "weakling", "email": "", "password1": "123", "password2": "123"},
+    )
+
+    # then
+    assert response.status_code == 200
+    assert response.context["form"].errors["password2"]
+    assert not User.objects.filter(username="weakling").exists()
+    assert logged_in_user_id(client) is None
+
+
+def test_signup_with_mismatched_passwords_creates_nobody(client):
+    response = client.post(
+        "/accounts/signup/",
+        {"username": "typo", "password1": PASSWORD, "password2": PASSWORD + "x"},
+    )
+
+    assert response.status_code == 200
+    assert "password2" in response.context["form"].errors
+    assert not User.objects.filter(username="typo").exists()
+
+
+def test_signup_page_renders_the_form(client):
+    response = client.get("/accounts/signup/")
+
+    assert response.status_code == 200
+    assert b'name="password1"' in response.content
+
+
+# --- Log in / log out ---------------------------------------------------------------------
+
+
+def test_login_with_the_right_password_signs_in_and_goes_home(client):
+    user = UserFactory()
+
+    response = client.post("/accounts/login/", {"username": user.username, "password": PASSWORD})
+
+    assert response.status_code == 302
+    assert response.url == reverse("home")
+    assert logged_in_user_id(client) == str(user.pk)
+
+
+def test_login_with_a_wrong_password_is_refused(client):
+    user = UserFactory()
+
+    response = client.post("/accounts/login/", {"username": user.username, "password": "nope"})
+
+    assert response.status_code == 200
+    assert response.context["form"].non_field_errors()
+    assert logged_in_user_id(client) is None
+
+
+def test_login_follows_next(client):
+    user = UserFactory()
+
+    response = client.post(
+        "/accounts/login/",
+        {"username": user.username, "password": PASSWORD, "next": "/accounts/usage/"},
+    )
+
+    assert response.status_code == 302
+    assert response.url == "/accounts/usage/"
+
+
+def test_logout_by_post_signs_out(client):
+    # given
+    client.force_login(UserFactory())
+
+    # when
+    response = client.post("/accounts/logout/")
+
+    # then
+    assert response.status_code == 302
+    assert response.url == reverse("home")
+    assert logged_in_user_id(client) is None
+    assert client.get("/accounts/usage/").status_code == 302
+
+
+def test_logout_by_get_is_refused_and_keeps_the_session(client):
+    user = UserFactory()
+    client.force_login(user)
+
+    response = client.get("/accounts/logout/")
+
+    assert response.status_code == 405
+    assert logged_in_user_id(client) == str(user.pk)
+
+
+# --- Password change ---------------------------------------------------------------------
+
+
+def test_password_change_then_login_with_the_new_password(client):
+    # given
+    user = UserFactory()
+    client.force_login(user)
+
+    # when
+    response = client.post(
+        "/accounts/password_change/",
+        {"old_password": PASSWORD, "new_password1": NEW_PASSWORD, "new_password2": NEW_PASSWORD},
+    )
+
+    # then
+    assert response.status_code == 302
+    assert response.url == reverse("password_change_done")
+    assert logged_in_user_id(client) == str(user.pk)  # the session survives the change
+    client.post("/accounts/logout/")
+    old = client.post("/accounts/login/", {"username": user.username, "password": PASSWORD})
+    assert old.status_code == 200 and logged_in_user_id(client) is None
+    new = client.post("/accounts/login/", {"username": user.username, "password": NEW_PASSWORD})
+    assert new.status_code == 302
+    assert logged_in_user_id(client) == str(user.pk)
+
+
+def test_password_change_with_a_wrong_old_password_changes_nothing(client):
+    user = UserFactory()
+    client.force_login(user)
+
+    response = client.post(
+        "/accounts/password_change/",
+        {"old_password": "wrong", "new_password1": NEW_PASSWORD, "new_password2": NEW_PASSWORD},
+    )
+
+    assert response.status_code == 200
+    assert "old_password" in response.context["form"].errors
+    user.refresh_from_db()
+    assert user.check_password(PASSWORD)
+
+
+def test_password_change_requires_login(client):
+    response = client.get("/accounts/password_change/")
+
+    assert response.status_code == 302
+    assert response.url.startswith(reverse("login"))
+
+
+# --- Usage -----------------------------------------------------------------------------
+
+
+def test_usage_shows_used_and_left_from_the_users_fields(client):
+    # given
+    user = UserFactory(
+        audio_seconds_quota=600, audio_seconds_used=125.4, tokens_quota=1000, tokens_used=321
+    )
+    client.force_login(user)
+
+    # when
+    response = client.get("/accounts/usage/")
+
+    # then
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert '<dd id="minutes-used">125.4 s' in html
+    assert '<dd id="minutes-left">475 s</dd>' in html  # 600 - 125.4, rounded
+    assert '<dd id="tokens-used">321</dd>' in html
+    assert '<dd id="tokens-left">679</dd>' in html
+
+
+def test_usage_shows_unlimited_for_zero_quotas(client):
+    client.force_login(UserFactory(audio_seconds_quota=0, tokens_quota=0, tokens_used=50))
+
+    html = client.get("/accounts/usage/").content.decode()
+
+    assert '<dd id="minutes-left">unlimited</dd>' in html
+    assert '<dd id="tokens-left">unlimited</dd>' in html
+    assert '<dd id="tokens-used">50</dd>' in html
+
+
+def test_usage_left_never_goes_below_zero(client):
+    client.force_login(UserFactory(tokens_quota=100, tokens_used=150))
+
+    html = client.get("/accounts/usage/").content.decode()
+
+    assert '<dd id="tokens-left">0</dd>' in html
+
+
+def test_usage_requires_login(client):
+    response = client.get("/accounts/usage/")
+
+    assert response.status_code == 302
+    assert response.url == f"{reverse('login')}?next=/accounts/usage/"
