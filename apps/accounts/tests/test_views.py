@@ -22,8 +22,12 @@ def test_signup_creates_the_user_logs_them_in_and_goes_home(client):
     # when
     response = client.post(
         "/accounts/signup/",
-        {"username": "newbie", "email": "newbie@example.com",
-         "password1": PASSWORD, "password2": PASSWORD},
+        {
+            "username": "newbie",
+            "email": "newbie@example.com",
+            "password1": PASSWORD,
+            "password2": PASSWORD,
+        },
     )
 
     # then

@@ -1,4 +1,5 @@
 import factory
+from django.db.models import F
 
 from apps.accounts.tests.factories import UserFactory
 from apps.conversations.models import Conversation, Message, TranscriptSegment
@@ -30,8 +31,10 @@ class MessageFactory(factory.django.DjangoModelFactory):
     @factory.lazy_attribute
     def seq(self):
         conversation = self.conversation
-        conversation.last_seq += 1
-        Conversation.objects.filter(pk=conversation.pk).update(last_seq=conversation.last_seq)
+        Conversation.objects.filter(pk=conversation.pk).update(last_seq=F("last_seq") + 1)
+        conversation.last_seq = Conversation.objects.values_list("last_seq", flat=True).get(
+            pk=conversation.pk
+        )
         return conversation.last_seq
 
 

@@ -15,9 +15,9 @@ from apps.conversations.selectors import (
 )
 from apps.conversations.services import (
     conversation_start,
+    replay_events,
     reply_begin,
     reply_finish,
-    replay_events,
     text_message_add,
     transcript_finalize,
 )
@@ -107,7 +107,11 @@ def test_conversation_start_stores_the_greeting_as_seq_1():
 
     greeting = conversation.messages.get()
     assert (greeting.seq, greeting.role, greeting.source, greeting.status, greeting.text) == (
-        1, "assistant", "greeting", "complete", "Ahoy!"
+        1,
+        "assistant",
+        "greeting",
+        "complete",
+        "Ahoy!",
     )
     conversation.refresh_from_db()
     assert conversation.last_seq == 1
@@ -131,14 +135,20 @@ def test_transcript_finalize_stores_message_and_segment_with_the_next_seq(
 
     # then
     assert (message.seq, message.role, message.source, message.text) == (
-        3, "user", "voice", "What's the weather?"
+        3,
+        "user",
+        "voice",
+        "What's the weather?",
     )
     assert message.provider == "faster_whisper"
     assert 250 <= message.speech_end_to_final_ms < 10_000
     segment = TranscriptSegment.objects.get()
     assert segment.message == message
     assert (segment.seq, segment.utterance_id, segment.start_ms, segment.end_ms) == (
-        3, "utt-1", 1000, 2500
+        3,
+        "utt-1",
+        1000,
+        2500,
     )
     assert (segment.text, segment.confidence) == ("What's the weather?", 0.9)
     conversation.refresh_from_db()
@@ -246,7 +256,10 @@ def test_text_message_add_stores_and_publishes_a_final(
         message = text_message_add(conversation_id=conversation.id, text="Typed words")
 
     assert (message.seq, message.role, message.source, message.text) == (
-        1, "user", "text", "Typed words"
+        1,
+        "user",
+        "text",
+        "Typed words",
     )
     assert not TranscriptSegment.objects.exists()
     [published] = listener.drain()
@@ -270,7 +283,11 @@ def test_reply_begin_reserves_a_seq_and_publishes_nothing(
         reply = reply_begin(conversation_id=conversation.id, provider="echo")
 
     assert (reply.seq, reply.role, reply.source, reply.status, reply.text) == (
-        1, "assistant", "llm", "streaming", ""
+        1,
+        "assistant",
+        "llm",
+        "streaming",
+        "",
     )
     assert reply.provider == "echo"
     assert callbacks == []
@@ -290,7 +307,10 @@ def test_reply_finish_complete_stores_the_reply_counts_tokens_and_publishes_done
     # then
     reply.refresh_from_db()
     assert (reply.status, reply.text, reply.prompt_tokens, reply.completion_tokens) == (
-        "complete", "Fine, thanks.", 30, 12
+        "complete",
+        "Fine, thanks.",
+        30,
+        12,
     )
     assert (reply.final_to_first_token_ms, reply.reply_total_ms) == (120, 900)
     conversation.user.refresh_from_db()
@@ -298,10 +318,14 @@ def test_reply_finish_complete_stores_the_reply_counts_tokens_and_publishes_done
     [published] = listener.drain()
     assert published["type"] == "reply.done"
     assert (published["reply_id"], published["seq"], published["text"]) == (
-        str(reply.id), reply.seq, "Fine, thanks."
+        str(reply.id),
+        reply.seq,
+        "Fine, thanks.",
     )
     assert (published["status"], published["audio_parts"], published["error_code"]) == (
-        "complete", 2, ""
+        "complete",
+        2,
+        "",
     )
 
 
@@ -311,8 +335,13 @@ def test_reply_finish_interrupted_keeps_the_partial_text_and_publishes_interrupt
     reply = reply_begin(conversation_id=conversation.id, provider="echo")
 
     with django_capture_on_commit_callbacks(execute=True):
-        finish(reply, status=Message.Status.INTERRUPTED, text="Well, I",
-               prompt_tokens=30, completion_tokens=2)
+        finish(
+            reply,
+            status=Message.Status.INTERRUPTED,
+            text="Well, I",
+            prompt_tokens=30,
+            completion_tokens=2,
+        )
 
     reply.refresh_from_db()
     assert (reply.status, reply.text) == ("interrupted", "Well, I")
@@ -321,7 +350,9 @@ def test_reply_finish_interrupted_keeps_the_partial_text_and_publishes_interrupt
     [published] = listener.drain()
     assert published["type"] == "reply.interrupted"
     assert (published["seq"], published["text"], published["status"]) == (
-        reply.seq, "Well, I", "interrupted"
+        reply.seq,
+        "Well, I",
+        "interrupted",
     )
 
 
@@ -331,12 +362,20 @@ def test_reply_finish_failed_publishes_done_with_the_error_code(
     reply = reply_begin(conversation_id=conversation.id, provider="openai")
 
     with django_capture_on_commit_callbacks(execute=True):
-        finish(reply, status=Message.Status.FAILED, text="", prompt_tokens=0,
-               completion_tokens=0, error_code="llm_timeout")
+        finish(
+            reply,
+            status=Message.Status.FAILED,
+            text="",
+            prompt_tokens=0,
+            completion_tokens=0,
+            error_code="llm_timeout",
+        )
 
     [published] = listener.drain()
     assert (published["type"], published["status"], published["error_code"]) == (
-        "reply.done", "failed", "llm_timeout"
+        "reply.done",
+        "failed",
+        "llm_timeout",
     )
 
 
@@ -397,15 +436,27 @@ def stored_turns(conversation):
     TranscriptSegmentFactory(
         message__conversation=conversation, utterance_id="u-spoken", message__text="spoken"
     )
-    MessageFactory(conversation=conversation, role="assistant", source="llm",
-                   status="interrupted", text="reply t")
-    MessageFactory(conversation=conversation, role="assistant", source="llm",
-                   status="streaming", text="")
+    MessageFactory(
+        conversation=conversation,
+        role="assistant",
+        source="llm",
+        status="interrupted",
+        text="reply t",
+    )
+    MessageFactory(
+        conversation=conversation, role="assistant", source="llm", status="streaming", text=""
+    )
     return conversation
 
 
 def test_messages_after_excludes_streaming_replies_and_earlier_seqs(stored_turns):
-    assert [m.seq for m in messages_after(conversation_id=stored_turns.id, seq=0)] == [1, 2, 3, 4, 5]
+    assert [m.seq for m in messages_after(conversation_id=stored_turns.id, seq=0)] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
     assert [m.seq for m in messages_after(conversation_id=stored_turns.id, seq=3)] == [4, 5]
     assert messages_after(conversation_id=stored_turns.id, seq=5) == []
 
@@ -476,8 +527,9 @@ def test_history_for_reply_always_has_the_latest_turn_even_over_budget(conversat
 
 def test_history_for_reply_skips_streaming_and_empty_turns(conversation):
     said = MessageFactory(conversation=conversation, text="said")
-    MessageFactory(conversation=conversation, role="assistant", source="llm",
-                   status="interrupted", text="")
+    MessageFactory(
+        conversation=conversation, role="assistant", source="llm", status="interrupted", text=""
+    )
     reply_begin(conversation_id=conversation.id, provider="echo")
 
     picked = history_for_reply(conversation_id=conversation.id, budget_tokens=1000)
@@ -526,7 +578,10 @@ def test_conversation_list_counts_messages():
 
     counts = {c.pk: c.message_count for c in conversation_list_for_user(user=user)}
 
-    assert counts == {conversation.pk: 3, Conversation.objects.exclude(pk=conversation.pk).get().pk: 0}
+    assert counts == {
+        conversation.pk: 3,
+        Conversation.objects.exclude(pk=conversation.pk).get().pk: 0,
+    }
 
 
 @pytest.mark.xfail(

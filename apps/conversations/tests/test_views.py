@@ -74,10 +74,13 @@ def test_history_requires_login(client):
 
 def test_transcript_shows_the_stored_turns_in_order(client, user):
     conversation = ConversationFactory(user=user, persona=PersonaFactory(name="Ada"))
-    MessageFactory(conversation=conversation, role="assistant", source="greeting", text="Hi, Ada here.")
+    MessageFactory(
+        conversation=conversation, role="assistant", source="greeting", text="Hi, Ada here."
+    )
     MessageFactory(conversation=conversation, text="Teach me sums")
-    MessageFactory(conversation=conversation, role="assistant", source="llm",
-                   status="streaming", text="")
+    MessageFactory(
+        conversation=conversation, role="assistant", source="llm", status="streaming", text=""
+    )
 
     response = client.get(f"/conversations/{conversation.id}/transcript/")
 

@@ -34,7 +34,9 @@ def objects():
     conversation = ConversationFactory(persona=persona)
     message = MessageFactory(conversation=conversation, text="What is seven times six?")
     segment = TranscriptSegmentFactory(
-        message__conversation=conversation, text="Spoken words here", message__text="Spoken words here"
+        message__conversation=conversation,
+        text="Spoken words here",
+        message__text="Spoken words here",
     )
     return {
         "persona": persona,
@@ -82,7 +84,8 @@ def test_conversation_page_shows_its_messages_and_transcript_inlines(admin_brows
     response = admin_browser.get(f"/admin/conversations/conversation/{conversation.pk}/change/")
 
     formsets = {
-        formset.formset.model.__name__: formset for formset in response.context["inline_admin_formsets"]
+        formset.formset.model.__name__: formset
+        for formset in response.context["inline_admin_formsets"]
     }
     assert set(formsets) == {"Message", "TranscriptSegment"}
     assert formsets["Message"].formset.queryset.count() == 2
@@ -136,8 +139,12 @@ def test_staff_with_view_permission_may_look_but_not_add(client, objects):
 def test_persona_search_and_published_filter(admin_browser):
     # given
     PersonaFactory(name="Ada", slug="ada", is_published=True)
-    PersonaFactory(name="Captain Rex", slug="captain-rex", is_published=True,
-                   system_prompt="You are a jolly pirate.")
+    PersonaFactory(
+        name="Captain Rex",
+        slug="captain-rex",
+        is_published=True,
+        system_prompt="You are a jolly pirate.",
+    )
     PersonaFactory(name="Draft", slug="draft", is_published=False)
 
     # then
@@ -221,7 +228,9 @@ def test_duplicate_makes_unpublished_copies_with_unique_slugs(admin_browser):
         assert copy.is_published is False
         assert copy.name == "Ada (copy)"
         assert (copy.system_prompt, copy.greeting, copy.voice) == (
-            original.system_prompt, original.greeting, original.voice
+            original.system_prompt,
+            original.greeting,
+            original.voice,
         )
     original.refresh_from_db()
     assert original.is_published is True
@@ -234,7 +243,10 @@ def test_duplicate_of_several_personas_copies_each(admin_browser):
     post_action(admin_browser, "/admin/personas/persona/", "duplicate", personas)
 
     assert set(Persona.objects.values_list("slug", flat=True)) == {
-        "one", "two", "one-copy", "two-copy"
+        "one",
+        "two",
+        "one-copy",
+        "two-copy",
     }
 
 
@@ -266,12 +278,12 @@ def test_reset_usage_zeroes_the_selected_users_only(admin_browser):
     assert User.objects.filter(pk=spent.pk, audio_seconds_quota__gt=0).exists()  # quotas kept
 
 
-
 @pytest.fixture
 def view_only_staff(client):
     staff = UserFactory(is_staff=True)
     staff.user_permissions.add(
-        Permission.objects.get(codename="view_persona"), Permission.objects.get(codename="view_user")
+        Permission.objects.get(codename="view_persona"),
+        Permission.objects.get(codename="view_user"),
     )
     client.force_login(staff)
     return client

@@ -74,7 +74,10 @@ def test_talk_starts_a_conversation_with_the_greeting_and_redirects_to_it(client
     assert response.url == reverse("conversation", args=[conversation.id])
     greeting = conversation.messages.get()
     assert (greeting.seq, greeting.role, greeting.source, greeting.text) == (
-        1, Message.Role.ASSISTANT, Message.Source.GREETING, "Hello, I'm Ada."
+        1,
+        Message.Role.ASSISTANT,
+        Message.Source.GREETING,
+        "Hello, I'm Ada.",
     )
     assert conversation.last_seq == 1
 

@@ -40,8 +40,12 @@ def kinds(happened) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize(
     "clip",
-    ["speechbrain_spk1_snt1.wav", "speechbrain_spk1_snt3.wav", "deepspeech_LDC93S1.wav",
-     "cognitive-services-speech-sdk_whatstheweatherlike.wav"],
+    [
+        "speechbrain_spk1_snt1.wav",
+        "speechbrain_spk1_snt3.wav",
+        "deepspeech_LDC93S1.wav",
+        "cognitive-services-speech-sdk_whatstheweatherlike.wav",
+    ],
 )
 def test_a_short_sentence_is_one_utterance_ended_by_silence(clip):
     # given
