@@ -13,7 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 app = Celery("parley")
 app.config_from_object("django.conf:settings", namespace="CELERY")
-app.conf.task_queues = [Queue(name) for name in ("default", "stt", "tts")]
+app.conf.task_queues = [Queue(name) for name in ("default", "stt", "stt_partial", "tts")]
+# A worker reads its queues in the order given to -Q: with `-Q stt,tts,stt_partial`
+# a final transcript never waits behind a draft (partial) one. Partials are
+# best-effort: under load they wait, and the worker drops the stale ones.
+app.conf.broker_transport_options = {"queue_order_strategy": "priority"}
 app.autodiscover_tasks()
 
 

@@ -206,7 +206,6 @@ CELERY_TASK_ACKS_LATE = True  # a task is acknowledged after it ran ...
 CELERY_TASK_REJECT_ON_WORKER_LOST = True  # ... and requeued if its worker died
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1  # long model tasks: take one at a time
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_QUEUES_NAMES = ["default", "stt", "tts"]
 CELERY_TASK_ROUTES = {
     "apps.pipeline.tasks.transcribe_window_task": {"queue": "stt"},
     "apps.pipeline.tasks.synthesize_sentence_task": {"queue": "tts"},

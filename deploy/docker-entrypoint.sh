@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The image's entrypoint. The first argument is the role; the rest is passed on.
 #   web             Daphne on :8000 (HTTP + WebSockets), behind a proxy
-#   worker-stt      Celery worker for the `stt` queue (speech-to-text; GPU nodes in production)
+#   worker-stt      Celery worker for the `stt` and `stt_partial` queues (speech-to-text;
+#                   GPU nodes in production)
 #   worker-tts      Celery worker for the `tts` queue (text-to-speech)
 #   worker-default  Celery worker for the `default` queue
 #   migrate         apply database migrations, then exit (a Job / init step)
@@ -22,7 +23,7 @@ celery_worker() {
         -Q "$queue" \
         --concurrency "$concurrency" \
         --prefetch-multiplier 1 \
-        --hostname "${queue}@%h" \
+        --hostname "${queue%%,*}@%h" \
         --loglevel "${CELERY_LOG_LEVEL:-INFO}" \
         "$@"
 }
@@ -32,7 +33,8 @@ case "$role" in
         exec daphne -b 0.0.0.0 -p 8000 --proxy-headers "$@" config.asgi:application
         ;;
     worker-stt)
-        celery_worker stt "${STT_CONCURRENCY:-1}" "$@"
+        # finals first: stt_partial is read only when stt is empty (see config/celery.py)
+        celery_worker stt,stt_partial "${STT_CONCURRENCY:-1}" "$@"
         ;;
     worker-tts)
         celery_worker tts "${TTS_CONCURRENCY:-1}" "$@"

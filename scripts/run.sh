@@ -32,7 +32,7 @@ stop_all() {
 trap stop_all INT TERM
 trap 'stop_all; wait' EXIT
 
-"$BIN/celery" -A config worker -Q default,stt,tts -c 2 --loglevel INFO &
+"$BIN/celery" -A config worker -Q stt,tts,stt_partial,default -c 2 --loglevel INFO &
 pids+=($!)
 echo "run: Celery worker started (pid $!), queues default, stt, tts"
 banner

@@ -28,7 +28,7 @@ from typing import IO
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ROOT / "var" / "test-logs"
 BIN = Path(sys.executable).parent  # the virtualenv running the tests
-QUEUES = "default,stt,tts"
+QUEUES = "stt,tts,stt_partial,default"  # in priority order (config/celery.py)
 
 # --- Network guard ------------------------------------------------------------
 

@@ -19,7 +19,7 @@ class UserAdmin(BaseUserAdmin):
     )
     actions = ["reset_usage"]
 
-    @admin.action(description="Reset usage to zero")
+    @admin.action(description="Reset usage to zero", permissions=["change"])
     def reset_usage(self, request, queryset):
         updated = queryset.update(audio_seconds_used=0, tokens_used=0)
         self.message_user(request, f"Usage reset for {updated} user(s).")

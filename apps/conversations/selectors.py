@@ -1,6 +1,6 @@
 from uuid import UUID
 
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, Exists, OuterRef, Q, QuerySet
 
 from .models import Conversation, Message
 
@@ -52,9 +52,8 @@ def history_for_reply(*, conversation_id: UUID, budget_tokens: int) -> list[Mess
 def conversation_list_for_user(*, user, query: str = "") -> QuerySet[Conversation]:
     conversations = Conversation.objects.filter(user=user).select_related("persona")
     if query:
-        conversations = conversations.filter(
-            Q(persona__name__icontains=query) | Q(messages__text__icontains=query)
-        ).distinct()
+        said = Message.objects.filter(conversation=OuterRef("pk"), text__icontains=query)
+        conversations = conversations.filter(Q(persona__name__icontains=query) | Exists(said))
     return conversations.annotate(message_count=Count("messages"))
 
 

@@ -79,6 +79,8 @@ def transcript_finalize(
     then tell the sockets. Safe to run twice: the second run changes nothing
     and publishes nothing. Empty text (no speech) stores nothing."""
     text = text.strip()
+    # Lock the conversation first, so two runs of the same task queue up here.
+    Conversation.objects.select_for_update().only("id").get(pk=conversation_id)
     existing = TranscriptSegment.objects.filter(
         conversation_id=conversation_id, utterance_id=utterance_id
     ).select_related("message")

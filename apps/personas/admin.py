@@ -23,7 +23,7 @@ class PersonaAdmin(admin.ModelAdmin):
         ("Record", {"fields": ("id", "created_at", "updated_at")}),
     )
 
-    @admin.action(description="Duplicate selected personas (as unpublished copies)")
+    @admin.action(description="Duplicate selected personas (as unpublished copies)", permissions=["add"])
     def duplicate(self, request, queryset):
         copies = [persona_duplicate(persona=persona) for persona in queryset]
         self.message_user(request, f"Created {len(copies)} cop{'y' if len(copies) == 1 else 'ies'}.")

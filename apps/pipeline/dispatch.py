@@ -47,10 +47,10 @@ def queue_of(task) -> str:
     return route.get("queue", settings.CELERY_TASK_DEFAULT_QUEUE)
 
 
-def enqueue(task, **kwargs) -> Future | object:
-    """Run `task(**kwargs)` on a worker of its queue. Task arguments are ids,
-    offsets and short strings, never audio."""
-    queue = queue_of(task)
+def enqueue(task, *, queue: str = "", **kwargs) -> Future | object:
+    """Run `task(**kwargs)` on a worker of its queue (or `queue`). Task
+    arguments are ids, offsets and short strings, never audio."""
+    queue = queue or queue_of(task)
     if settings.CELERY_BROKER_URL:
         return task.apply_async(kwargs=kwargs, queue=queue)
     try:

@@ -285,6 +285,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
     def transcribe(self, utterance: Utterance, *, final: bool) -> None:
         enqueue(
             transcribe_window_task,
+            queue="stt" if final else "stt_partial",
             conversation_id=str(self.conversation.id),
             utterance_id=utterance.id,
             end_byte=utterance.bytes,

@@ -78,7 +78,7 @@ def check_audio_frame(data: bytes) -> None:
             f"Audio frames carry at most 100 ms ({settings.AUDIO_FRAME_MAX_BYTES} bytes); "
             f"this one had {len(data)}.",
         )
-    if data[:4] in (b"RIFF", b"OggS", b"fLaC", b"ID3\x03") or data[:4] == b"\x1aE\xdf\xa3":
+    if data[:4] in (b"RIFF", b"OggS", b"fLaC", b"\x1aE\xdf\xa3") or data[:3] == b"ID3":
         raise ProtocolError(
             "wrong_audio_format",
             "Send raw PCM16 LE mono 16 kHz samples, not a container (WAV, Ogg, FLAC, MP3, WebM).",

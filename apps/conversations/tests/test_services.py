@@ -584,11 +584,6 @@ def test_conversation_list_counts_messages():
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: selectors.conversation_list_for_user annotates Count('messages') over the "
-    "join the text search filtered, so a search counts only the matching messages",
-)
 def test_conversation_list_search_still_counts_every_message():
     user = UserFactory()
     conversation = ConversationFactory(user=user)

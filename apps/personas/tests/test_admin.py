@@ -289,11 +289,6 @@ def view_only_staff(client):
     return client
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: PersonaAdmin.duplicate declares no permissions, so view-only staff can add "
-    "personas; fix: @admin.action(..., permissions=['add'])",
-)
 def test_view_only_staff_cannot_duplicate(view_only_staff):
     persona = PersonaFactory()
 
@@ -304,11 +299,6 @@ def test_view_only_staff_cannot_duplicate(view_only_staff):
     assert Persona.objects.count() == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: UserAdmin.reset_usage declares no permissions, so view-only staff can change "
-    "users; fix: @admin.action(..., permissions=['change'])",
-)
 def test_view_only_staff_cannot_reset_usage(view_only_staff):
     spent = UserFactory(tokens_used=5)
 
