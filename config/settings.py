@@ -227,6 +227,10 @@ STT_COMPUTE_TYPE = env_str("STT_COMPUTE_TYPE", "int8")
 STT_CPU_THREADS = env_int("STT_CPU_THREADS", 2)
 STT_PARTIAL_EVERY_MS = env_int("STT_PARTIAL_EVERY_MS", 700)
 VAD_END_SILENCE_MS = env_int("VAD_END_SILENCE_MS", 500)
+# At this much silence the likely final is transcribed ahead of time (a
+# "candidate"); if the silence lasts to VAD_END_SILENCE_MS it becomes the final.
+VAD_PAUSE_MS = env_int("VAD_PAUSE_MS", 200)
+STT_CANDIDATE_WAIT_S = env_float("STT_CANDIDATE_WAIT_S", 5.0)
 VAD_MAX_UTTERANCE_MS = env_int("VAD_MAX_UTTERANCE_MS", 20_000)
 VAD_MIN_SPEECH_MS = env_int("VAD_MIN_SPEECH_MS", 200)
 

@@ -18,7 +18,7 @@ from apps.realtime.events import apublish, event, publish
 
 from .audio_store import audio_store, utterance_key
 from .dispatch import enqueue
-from .providers.base import ChatMessage, ProviderError, ReplyRequest, ReplyUsage
+from .providers.base import ChatMessage, ProviderError, ReplyRequest, ReplyUsage, Transcript
 from .providers.registry import llm_get, stt_get, tts_get
 from .sentences import SentenceSplitter
 
@@ -48,49 +48,78 @@ def transcribe_window(
     conversation_id: str,
     utterance_id: str,
     end_byte: int,
-    final: bool,
+    purpose: str,
     stt_kind: str = "",
     start_ms: int = 0,
     speech_end_at: float | None = None,
 ) -> None:
-    """Transcribe an utterance's audio up to `end_byte`. A partial is pushed
-    to the sockets; a final is stored, then pushed. Safe to run twice."""
+    """Transcribe an utterance's audio up to `end_byte`, for one of three purposes:
+    - "partial": a draft while the user speaks, pushed to the speaking socket;
+    - "candidate": at a pause, the likely final, handed to the socket, which
+      stores it as the final if the pause turns into the end of the utterance;
+    - "final": stored, then pushed. Safe to run twice."""
     key = utterance_key(conversation_id, utterance_id)
-    if not final and cache.get(_final_requested_key(utterance_id)):
+    if purpose == "partial" and cache.get(_final_requested_key(utterance_id)):
         return  # the final is on its way; a partial now would only delay it
-    if final and TranscriptSegment.objects.filter(
+    if purpose == "final" and TranscriptSegment.objects.filter(
         conversation_id=conversation_id, utterance_id=utterance_id
     ).exists():
         return
     pcm = audio_store().read(key, 0, end_byte)
-    provider, result = stt_kind or settings.STT_KIND, None
+    provider = stt_kind or settings.STT_KIND
+    result = _transcribe(conversation_id, provider, pcm)
+    if purpose == "partial":
+        publish(conversation_id, event("transcript.partial", utterance_id=utterance_id,
+                                       text=result.text if result else ""))
+    elif purpose == "candidate":
+        publish(conversation_id, event(
+            "transcript.candidate", utterance_id=utterance_id, end_byte=end_byte,
+            text=result.text if result else "", confidence=result.confidence if result else None,
+            provider=provider, failed=result is None,
+        ))
+    else:
+        transcript_finalize(
+            conversation_id=conversation_id,
+            utterance_id=utterance_id,
+            text=result.text if result else "",
+            confidence=result.confidence if result else None,
+            start_ms=start_ms,
+            end_ms=start_ms + len(pcm) // BYTES_PER_MS,
+            speech_end_at=speech_end_at,
+            provider=provider,
+        )
+        audio_store().delete(key)
+
+
+def _transcribe(conversation_id: str, provider: str, pcm: bytes) -> Transcript | None:
     try:
-        result = stt_get(provider).transcribe(pcm)
+        return stt_get(provider).transcribe(pcm)
     except ProviderError as exc:
         publish(conversation_id, event("error", code=exc.code, message=exc.message))
     except Exception:
         log.exception("speech-to-text failed")
         publish(conversation_id, event("error", code="stt_unavailable",
                                        message="Speech recognition failed for that utterance."))
-    if not final:
-        publish(
-            conversation_id,
-            event(
-                "transcript.partial", utterance_id=utterance_id, text=result.text if result else ""
-            ),
-        )
-        return
-    transcript_finalize(
+    return None
+
+
+async def utterance_finalize_from_candidate(
+    *, conversation_id, utterance_id: str, candidate: dict, start_ms: int, end_ms: int,
+    speech_end_at: float,
+) -> None:
+    """The pause's transcript was the utterance's end: store it as the final
+    (no second model run), and free the audio."""
+    await database_sync_to_async(transcript_finalize)(
         conversation_id=conversation_id,
         utterance_id=utterance_id,
-        text=result.text if result else "",
-        confidence=result.confidence if result else None,
+        text=candidate["text"],
+        confidence=candidate["confidence"],
         start_ms=start_ms,
-        end_ms=start_ms + len(pcm) // BYTES_PER_MS,
+        end_ms=end_ms,
         speech_end_at=speech_end_at,
-        provider=provider,
+        provider=candidate["provider"],
     )
-    audio_store().delete(key)
+    await audio_store().adelete(utterance_key(str(conversation_id), utterance_id))
 
 
 # --- Text-to-speech (worker) -----------------------------------------------------

@@ -16,7 +16,9 @@ SUBFRAME_SAMPLES = SAMPLE_RATE * SUBFRAME_MS // 1000
 
 @dataclass
 class EndpointEvent:
-    kind: str  # "start" (with preroll audio) | "end" (reason: "silence" or "max_length")
+    # "start" (with preroll audio) | "pause" (silence reached pause_ms: the end
+    # may be near) | "end" (reason: "silence", "max_length" or "client")
+    kind: str
     audio: bytes = b""
     reason: str = ""
 
@@ -24,6 +26,7 @@ class EndpointEvent:
 @dataclass
 class Endpointer:
     end_silence_ms: int = 500
+    pause_ms: int = 200
     min_speech_ms: int = 200
     max_utterance_ms: int = 20_000
     preroll_ms: int = 300
@@ -74,6 +77,8 @@ class Endpointer:
             return
         self.utterance_ms += SUBFRAME_MS
         self._silence_ms = 0 if voiced else self._silence_ms + SUBFRAME_MS
+        if self._silence_ms == self.pause_ms:
+            events.append(EndpointEvent("pause"))
         if self._silence_ms >= self.end_silence_ms:
             self._end("silence", events)
         elif self.utterance_ms >= self.max_utterance_ms:

@@ -31,6 +31,7 @@ from apps.pipeline.services import (
     reply_claim,
     reply_cancel_audio,
     reply_run,
+    utterance_finalize_from_candidate,
     utterance_mark_ended,
 )
 from apps.pipeline.tasks import transcribe_window_task
@@ -60,6 +61,10 @@ class Utterance:
         self.id = uuid.uuid4().hex
         self.start_ms = start_ms
         self.bytes = 0
+        self.candidate_end = 0  # bytes at the last pause, transcribed as a candidate
+        self.candidate: dict | None = None  # that transcript, once back
+        self.end_ms = 0
+        self.speech_end_at = 0.0
         self.partial_at_bytes = 0
         self.partial_in_flight = False
 
@@ -93,6 +98,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         self.held: list[dict] = []  # group events that came before hello's replay
         self.sent_seqs: set[int] = set()  # stored turns this socket has been sent
         self.last_reply_id = ""
+        self.awaiting: dict[str, Utterance] = {}  # ended; final waits for a candidate
         self.background: set[asyncio.Task] = set()
         user = self.scope.get("user")
         await self.accept()
@@ -119,6 +125,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         }
         self.endpointer = Endpointer(
             end_silence_ms=settings.VAD_END_SILENCE_MS,
+            pause_ms=settings.VAD_PAUSE_MS,
             min_speech_ms=settings.VAD_MIN_SPEECH_MS,
             max_utterance_ms=settings.VAD_MAX_UTTERANCE_MS,
         )
@@ -138,6 +145,8 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             return
         if self.utterance is not None:
             await self.utterance_end(reason="disconnect")  # keep what was said
+        for utterance_id in list(self.awaiting):
+            self.candidate_overdue(utterance_id)
         await self.channel_layer.group_discard(group_name(self.conversation.id), self.channel_name)
 
     # --- from the client -----------------------------------------------------
@@ -235,15 +244,14 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                 "rate_limited", "Audio is arriving faster than real time; frames were dropped."
             )
         self.stream_ms += frame_ms
-        for happened in self.endpointer.feed(data):
-            if happened.kind == "start":
-                await self.utterance_start(happened.audio, frame_ms)
-            else:
-                await self.utterance_append(data)
-                await self.utterance_end(reason=happened.reason)
-                return
-        if self.utterance is not None:
-            await self.utterance_append(data)
+        happened = self.endpointer.feed(data)
+        for start in (h for h in happened if h.kind == "start"):
+            await self.utterance_start(start.audio, frame_ms)
+        await self.utterance_append(data)
+        if any(h.kind == "pause" for h in happened):
+            self.transcribe(self.utterance, purpose="candidate")
+        for end in (h for h in happened if h.kind == "end"):
+            await self.utterance_end(reason=end.reason)
 
     async def utterance_start(self, preroll: bytes, frame_ms: float) -> None:
         await self.check_quota()  # raises: no utterance, the frames are not kept
@@ -264,13 +272,27 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         if due and not utterance.partial_in_flight:
             utterance.partial_in_flight = True
             utterance.partial_at_bytes = utterance.bytes
-            self.transcribe(utterance, final=False)
+            self.transcribe(utterance, purpose="partial")
 
     async def utterance_end(self, *, reason: str) -> None:
+        """Close the utterance. After a pause (the usual end), the candidate
+        transcribed at the pause becomes the final: at once if it is back,
+        else when it comes (with a fallback to a fresh final)."""
         utterance, self.utterance = self.utterance, None
         if utterance is None:
             return
-        self.transcribe(utterance, final=True)
+        utterance.speech_end_at = time.time()
+        utterance.end_ms = utterance.start_ms + utterance.bytes // BYTES_PER_MS
+        if reason == "silence" and utterance.candidate_end:
+            self.awaiting[utterance.id] = utterance
+            if utterance.candidate is not None:
+                await self.finalize_from_candidate(utterance)
+            else:
+                asyncio.get_running_loop().call_later(
+                    settings.STT_CANDIDATE_WAIT_S, self.candidate_overdue, utterance.id
+                )
+        else:
+            self.transcribe(utterance, purpose="final")
         if utterance.partial_in_flight:
             await utterance_mark_ended(utterance_id=utterance.id)
         await self.send_event(
@@ -282,18 +304,57 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             )
         )
 
-    def transcribe(self, utterance: Utterance, *, final: bool) -> None:
+    def transcribe(self, utterance: Utterance, *, purpose: str) -> None:
+        if purpose == "candidate":
+            utterance.candidate_end, utterance.candidate = utterance.bytes, None
         enqueue(
             transcribe_window_task,
-            queue="stt" if final else "stt_partial",
+            queue="stt_partial" if purpose == "partial" else "stt",
             conversation_id=str(self.conversation.id),
             utterance_id=utterance.id,
             end_byte=utterance.bytes,
-            final=final,
+            purpose=purpose,
             stt_kind=self.stt_kind,
             start_ms=utterance.start_ms,
-            speech_end_at=time.time() if final else None,
+            speech_end_at=utterance.speech_end_at or None,
         )
+
+    async def transcript_candidate(self, message: dict) -> None:
+        """The transcript of an utterance up to a pause (this socket's own)."""
+        utterance_id = message["utterance_id"]
+        utterance = self.awaiting.get(utterance_id)
+        if utterance is None and self.utterance is not None and self.utterance.id == utterance_id:
+            utterance = self.utterance
+        if utterance is None or message["end_byte"] != utterance.candidate_end:
+            return  # stale: the user spoke again after that pause
+        if message.get("failed"):
+            utterance.candidate_end = 0  # the end will run a fresh final
+            if utterance_id in self.awaiting:
+                self.candidate_overdue(utterance_id)
+            return
+        utterance.candidate = message
+        if utterance_id in self.awaiting:
+            await self.finalize_from_candidate(utterance)
+        elif message["text"] and utterance is self.utterance:
+            await self.send_event(event("transcript.partial", utterance_id=utterance_id,
+                                        text=message["text"]))
+
+    async def finalize_from_candidate(self, utterance: Utterance) -> None:
+        self.awaiting.pop(utterance.id, None)
+        await utterance_finalize_from_candidate(
+            conversation_id=self.conversation.id,
+            utterance_id=utterance.id,
+            candidate=utterance.candidate,
+            start_ms=utterance.start_ms,
+            end_ms=utterance.end_ms,
+            speech_end_at=utterance.speech_end_at,
+        )
+
+    def candidate_overdue(self, utterance_id: str) -> None:
+        """No candidate in time (or it failed, or the socket closes): a fresh final."""
+        utterance = self.awaiting.pop(utterance_id, None)
+        if utterance is not None:
+            self.transcribe(utterance, purpose="final")
 
     # --- replies ---------------------------------------------------------------
 

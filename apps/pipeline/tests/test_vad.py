@@ -17,16 +17,41 @@ def endpointer() -> Endpointer:
         end_silence_ms=settings.VAD_END_SILENCE_MS,
         min_speech_ms=settings.VAD_MIN_SPEECH_MS,
         max_utterance_ms=settings.VAD_MAX_UTTERANCE_MS,
+        pause_ms=settings.VAD_PAUSE_MS,
     )
 
 
-def feed(gate: Endpointer, pcm: bytes, frame_bytes: int = FRAME_BYTES) -> list[tuple[int, object]]:
-    """(offset in bytes of the frame it happened in, event) for everything that happened."""
+def feed(
+    gate: Endpointer, pcm: bytes, frame_bytes: int = FRAME_BYTES, *, pauses: bool = False
+) -> list[tuple[int, object]]:
+    """(offset in bytes of the frame it happened in, event) for what happened; pauses
+    only when asked (they have their own test)."""
     happened = []
     for offset in range(0, len(pcm), frame_bytes):
         for event in gate.feed(pcm[offset : offset + frame_bytes]):
-            happened.append((offset, event))
+            if pauses or event.kind != "pause":
+                happened.append((offset, event))
     return happened
+
+
+@pytest.mark.parametrize("clip", ["speechbrain_spk1_snt1.wav", "faster-whisper_jfk.wav"])
+def test_every_end_by_silence_comes_a_fixed_silence_after_a_pause(clip):
+    # given
+    gate = endpointer()
+
+    # when
+    happened = feed(gate, pcm_of(clip) + ONE_SECOND_OF_SILENCE, pauses=True)
+
+    # then the event just before each end is a pause, (end silence - pause) ms earlier
+    wait = (settings.VAD_END_SILENCE_MS - settings.VAD_PAUSE_MS) * BYTES_PER_MS
+    ends = [i for i, (_, event) in enumerate(happened) if event.kind == "end"]
+    assert ends
+    for i in ends:
+        (pause_at, pause), (end_at, _) = happened[i - 1], happened[i]
+        assert pause.kind == "pause"
+        assert wait - FRAME_BYTES <= end_at - pause_at <= wait + FRAME_BYTES
+    # a pause inside an utterance that does not end it is followed by more speech
+    assert sum(event.kind == "pause" for _, event in happened) >= len(ends)
 
 
 def tone(seconds: float, *, amplitude: float = 0.3, hz: float = 440.0) -> bytes:

@@ -415,42 +415,92 @@ async def test_text_over_quota_is_refused_and_not_stored(conversation, connect, 
 # --- Audio in ---------------------------------------------------------------------------------
 
 
-async def test_a_spoken_sentence_opens_and_closes_an_utterance_and_queues_its_final(
-    conversation, connect, settings
-):
-    # given a greeted socket, with STT jobs recorded instead of run
+async def speak_sentence(conversation, connect, settings, enqueue):
+    """Stream a spoken sentence (and 1 s of silence) to a greeted socket whose
+    STT jobs go to the `enqueue` mock; return the socket, its events and the jobs."""
     settings.AUDIO_RATE_BURST_S = 10
     communicator = await connect()
     await hello(communicator, resume_from=1)
     pcm = pcm_of("speechbrain_spk1_snt1.wav") + bytes(1000 * BYTES_PER_MS)
+    for offset in range(0, len(pcm), len(SILENCE_FRAME)):
+        await communicator.send_to(bytes_data=pcm[offset : offset + len(SILENCE_FRAME)])
+    events = await settle(communicator)
+    return communicator, pcm, events, [call.kwargs for call in enqueue.call_args_list]
 
-    # when the clip arrives in 100 ms frames
+
+async def test_a_spoken_sentence_opens_and_closes_an_utterance_and_queues_a_candidate(
+    conversation, connect, settings
+):
+    # when a clip arrives in 100 ms frames (STT jobs recorded instead of run)
     with mock.patch("apps.realtime.consumers.enqueue") as enqueue:
-        for offset in range(0, len(pcm), len(SILENCE_FRAME)):
-            await communicator.send_to(bytes_data=pcm[offset : offset + len(SILENCE_FRAME)])
-        events = await settle(communicator)
+        communicator, pcm, events, _ = await speak_sentence(
+            conversation, connect, settings, enqueue
+        )
+        await communicator.disconnect()
+    jobs = [call.kwargs for call in enqueue.call_args_list]
 
-    # then
+    # then one utterance opened and closed
     assert [e["type"] for e in events] == ["speech.start", "speech.end"]
     start, end = events
     assert start["utterance_id"] == end["utterance_id"]
     assert end["reason"] == "silence"
-    jobs = [call.kwargs for call in enqueue.call_args_list]
-    # one partial once STT_PARTIAL_EVERY_MS of audio is buffered; no second one while
-    # it is in flight (its transcript.partial never comes back here); then the final
-    partial, final = jobs
-    assert (partial["final"], final["final"]) == (False, True)
-    assert partial["end_byte"] >= settings.STT_PARTIAL_EVERY_MS * BYTES_PER_MS
-    assert partial["speech_end_at"] is None
-    assert (final["conversation_id"], final["utterance_id"]) == (
+    # one partial once STT_PARTIAL_EVERY_MS of audio is buffered (no second one while it
+    # is in flight: its transcript.partial never comes back here); a candidate at each
+    # pause, on the final's queue; the last pause became the end
+    purposes = [job["purpose"] for job in jobs]
+    assert purposes[0] == "partial" and jobs[0]["queue"] == "stt_partial"
+    assert jobs[0]["end_byte"] >= settings.STT_PARTIAL_EVERY_MS * BYTES_PER_MS
+    candidates = [job for job in jobs if job["purpose"] == "candidate"]
+    assert candidates and all(job["queue"] == "stt" for job in candidates)
+    last = candidates[-1]
+    assert (last["conversation_id"], last["utterance_id"]) == (
         str(conversation.id),
         start["utterance_id"],
     )
-    assert final["speech_end_at"] is not None
     buffered = audio_store().read(utterance_key(str(conversation.id), start["utterance_id"]))
-    assert final["end_byte"] == len(buffered) == end["duration_ms"] * BYTES_PER_MS
+    assert len(buffered) == end["duration_ms"] * BYTES_PER_MS
+    silence_after_pause = settings.VAD_END_SILENCE_MS - settings.VAD_PAUSE_MS
+    assert len(buffered) - last["end_byte"] == silence_after_pause * BYTES_PER_MS
     assert 2000 * BYTES_PER_MS < len(buffered) < len(pcm)
-    assert buffered == pcm[final["start_ms"] * BYTES_PER_MS :][: len(buffered)]
+    assert buffered == pcm[last["start_ms"] * BYTES_PER_MS :][: len(buffered)]
+    # the socket closed while the final waited for the candidate: a fresh final is queued
+    assert purposes[-1] == "final" and jobs[-1]["speech_end_at"] is not None
+
+
+async def test_the_candidate_at_the_pause_becomes_the_final(conversation, connect, settings):
+    # given an utterance that ended after a pause, its candidate still out
+    with mock.patch("apps.realtime.consumers.enqueue") as enqueue:
+        communicator, _, _, jobs = await speak_sentence(conversation, connect, settings, enqueue)
+        candidate = [job for job in jobs if job["purpose"] == "candidate"][-1]
+
+        # when the worker hands the candidate back (and an older, stale one)
+        for end_byte in (candidate["end_byte"] - 3200, candidate["end_byte"]):
+            await get_channel_layer().group_send(
+                f"conversation.{conversation.id}",
+                {"type": "transcript.candidate", "utterance_id": candidate["utterance_id"],
+                 "end_byte": end_byte, "text": f"The child almost hurt the dog {end_byte}.",
+                 "confidence": 0.9, "provider": "faster_whisper"},
+            )
+
+        # then the current one is stored and pushed as the final, with no second transcription
+        final = json.loads(await communicator.receive_from(timeout=5))
+        await communicator.disconnect()
+    assert final["type"] == "transcript.final"
+    assert final["text"] == f"The child almost hurt the dog {candidate['end_byte']}."
+    stored = await sync_to_async(Message.objects.get)(pk=final["message_id"])
+    assert stored.speech_end_to_final_ms is not None and stored.source == "voice"
+    assert [job["purpose"] for job in jobs].count("final") == 0
+    assert "final" not in [call.kwargs["purpose"] for call in enqueue.call_args_list]
+
+
+async def test_without_a_candidate_in_time_a_fresh_final_is_queued(conversation, connect, settings):
+    settings.STT_CANDIDATE_WAIT_S = 0.2
+    with mock.patch("apps.realtime.consumers.enqueue") as enqueue:
+        communicator, *_ = await speak_sentence(conversation, connect, settings, enqueue)
+        await asyncio.sleep(0.5)
+        purposes = [call.kwargs["purpose"] for call in enqueue.call_args_list]
+        await communicator.disconnect()
+    assert purposes[-1] == "final" and purposes.count("final") == 1
 
 
 async def test_an_audio_flood_is_rate_limited_with_one_error(connect):
