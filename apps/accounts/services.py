@@ -18,10 +18,10 @@ def user_quota_problem(*, user_id: int) -> str:
 def session_key_create(*, user: User) -> str:
     """A signed-in session for `user`, for developer tools that open sockets
     (manage.py talk, benchmarks, load tests) without a browser."""
+    from django.conf import settings
     from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
     from django.contrib.sessions.backends.base import SessionBase
     from django.utils.module_loading import import_string
-    from django.conf import settings
 
     store: SessionBase = import_string(f"{settings.SESSION_ENGINE}.SessionStore")()
     store[SESSION_KEY] = str(user.pk)

@@ -3,14 +3,25 @@ from django.contrib import admin
 from .models import Conversation, Message, TranscriptSegment
 
 TIMINGS = (
-    "speech_end_to_final_ms", "final_to_first_token_ms", "first_token_to_first_audio_ms",
+    "speech_end_to_final_ms",
+    "final_to_first_token_ms",
+    "first_token_to_first_audio_ms",
     "reply_total_ms",
 )
 
 
 class MessageInline(admin.TabularInline):
     model = Message
-    fields = ("seq", "role", "source", "status", "text", "prompt_tokens", "completion_tokens", *TIMINGS)
+    fields = (
+        "seq",
+        "role",
+        "source",
+        "status",
+        "text",
+        "prompt_tokens",
+        "completion_tokens",
+        *TIMINGS,
+    )
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -49,8 +60,17 @@ class MessageAdmin(admin.ModelAdmin):
     search_fields = ("text", "conversation__id", "conversation__user__username")
     list_select_related = ("conversation",)
     readonly_fields = (
-        "id", "conversation", "seq", "role", "source", "provider", "prompt_tokens",
-        "completion_tokens", *TIMINGS, "created_at", "updated_at",
+        "id",
+        "conversation",
+        "seq",
+        "role",
+        "source",
+        "provider",
+        "prompt_tokens",
+        "completion_tokens",
+        *TIMINGS,
+        "created_at",
+        "updated_at",
     )
 
     @admin.display(description="text")

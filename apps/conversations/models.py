@@ -10,8 +10,12 @@ class Conversation(models.Model):
         ENDED = "ended"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
-    persona = models.ForeignKey("personas.Persona", on_delete=models.PROTECT, related_name="conversations")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
+    )
+    persona = models.ForeignKey(
+        "personas.Persona", on_delete=models.PROTECT, related_name="conversations"
+    )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
     last_seq = models.PositiveIntegerField(default=0, help_text="Highest seq handed out.")
     started_at = models.DateTimeField(auto_now_add=True)
@@ -51,7 +55,9 @@ class Message(models.Model):
         FAILED = "failed"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, related_name="messages"
+    )
     seq = models.PositiveIntegerField()
     role = models.CharField(max_length=16, choices=Role.choices)
     source = models.CharField(max_length=16, choices=Source.choices)
@@ -82,7 +88,9 @@ class TranscriptSegment(models.Model):
     """The final transcript of one utterance, with where it sits in the audio."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="segments")
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, related_name="segments"
+    )
     message = models.OneToOneField(Message, on_delete=models.CASCADE, related_name="segment")
     utterance_id = models.CharField(max_length=64)
     seq = models.PositiveIntegerField()
@@ -99,7 +107,9 @@ class TranscriptSegment(models.Model):
             models.UniqueConstraint(
                 fields=["conversation", "utterance_id"], name="segment_unique_utterance"
             ),
-            models.CheckConstraint(condition=models.Q(end_ms__gte=models.F("start_ms")), name="segment_end_after_start"),
+            models.CheckConstraint(
+                condition=models.Q(end_ms__gte=models.F("start_ms")), name="segment_end_after_start"
+            ),
         ]
 
     def __str__(self) -> str:

@@ -8,9 +8,7 @@ from .models import Conversation, Message
 def conversation_for_socket(*, conversation_id: UUID, user) -> tuple[Conversation | None, str]:
     """The conversation a socket may join, or None and why not ('not_found',
     'forbidden')."""
-    conversation = (
-        Conversation.objects.select_related("persona").filter(pk=conversation_id).first()
-    )
+    conversation = Conversation.objects.select_related("persona").filter(pk=conversation_id).first()
     if conversation is None:
         return None, "not_found"
     if conversation.user_id != user.pk:

@@ -22,8 +22,8 @@ def _ms_since(epoch_seconds: float | None) -> int | None:
 
 def _next_seq(*, conversation_id: UUID) -> int:
     """Hand out the conversation's next seq; call inside a transaction."""
-    conversation = Conversation.objects.select_for_update().only("id", "last_seq").get(
-        pk=conversation_id
+    conversation = (
+        Conversation.objects.select_for_update().only("id", "last_seq").get(pk=conversation_id)
     )
     conversation.last_seq += 1
     conversation.save(update_fields=["last_seq", "updated_at"])
@@ -231,5 +231,3 @@ def replay_events(*, messages: list[Message]) -> list[dict]:
                 )
             )
     return events
-
-

@@ -9,7 +9,9 @@ from .selectors import conversation_list_for_user
 def history(request):
     query = request.GET.get("q", "").strip()[:100]
     conversations = conversation_list_for_user(user=request.user, query=query)[:100]
-    return render(request, "conversations/history.html", {"conversations": conversations, "q": query})
+    return render(
+        request, "conversations/history.html", {"conversations": conversations, "q": query}
+    )
 
 
 @login_required

@@ -31,4 +31,6 @@ async def readyz(request):
     """Readiness: the database and cache answer."""
     checks = await sync_to_async(_dependencies, thread_sensitive=False)()
     ok = all(value == "ok" for value in checks.values())
-    return JsonResponse({"status": "ok" if ok else "unavailable", **checks}, status=200 if ok else 503)
+    return JsonResponse(
+        {"status": "ok" if ok else "unavailable", **checks}, status=200 if ok else 503
+    )

@@ -6,7 +6,17 @@ from .services import persona_duplicate
 
 @admin.register(Persona)
 class PersonaAdmin(admin.ModelAdmin):
-    list_display = ("avatar", "name", "slug", "is_published", "llm_kind", "stt_kind", "tts_kind", "voice", "updated_at")
+    list_display = (
+        "avatar",
+        "name",
+        "slug",
+        "is_published",
+        "llm_kind",
+        "stt_kind",
+        "tts_kind",
+        "voice",
+        "updated_at",
+    )
     list_display_links = ("avatar", "name")
     list_filter = ("is_published", "tts_kind", "stt_kind", "llm_kind")
     list_editable = ("is_published",)
@@ -17,13 +27,28 @@ class PersonaAdmin(admin.ModelAdmin):
     fieldsets = (
         (None, {"fields": ("name", "slug", "avatar", "description", "is_published")}),
         ("Conversation", {"fields": ("system_prompt", "greeting")}),
-        ("Engines (empty: the deployment's default)", {"fields": (
-            "llm_kind", "llm_model", "temperature", "max_tokens", "stt_kind", "tts_kind", "voice",
-        )}),
+        (
+            "Engines (empty: the deployment's default)",
+            {
+                "fields": (
+                    "llm_kind",
+                    "llm_model",
+                    "temperature",
+                    "max_tokens",
+                    "stt_kind",
+                    "tts_kind",
+                    "voice",
+                )
+            },
+        ),
         ("Record", {"fields": ("id", "created_at", "updated_at")}),
     )
 
-    @admin.action(description="Duplicate selected personas (as unpublished copies)", permissions=["add"])
+    @admin.action(
+        description="Duplicate selected personas (as unpublished copies)", permissions=["add"]
+    )
     def duplicate(self, request, queryset):
         copies = [persona_duplicate(persona=persona) for persona in queryset]
-        self.message_user(request, f"Created {len(copies)} cop{'y' if len(copies) == 1 else 'ies'}.")
+        self.message_user(
+            request, f"Created {len(copies)} cop{'y' if len(copies) == 1 else 'ies'}."
+        )

@@ -15,7 +15,9 @@ DEMO_PERSONAS = [
         "name": "Ada",
         "avatar": "🧮",
         "description": "A patient maths tutor who explains one step at a time.",
-        "system_prompt": "You are Ada, a warm maths tutor. Answer in two or three short spoken sentences.",
+        "system_prompt": (
+            "You are Ada, a warm maths tutor. Answer in two or three short spoken sentences."
+        ),
         "greeting": "Hello, I'm Ada. What shall we work out together?",
         "tts_kind": "piper",
         "voice": "",
@@ -26,7 +28,9 @@ DEMO_PERSONAS = [
         "name": "Captain Rex",
         "avatar": "🏴‍☠️",
         "description": "A cheerful pirate who turns everything into a sea story.",
-        "system_prompt": "You are Captain Rex, a jolly pirate. Keep replies short, vivid and kind.",
+        "system_prompt": (
+            "You are Captain Rex, a jolly pirate. Keep replies short, vivid and kind."
+        ),
         "greeting": "Ahoy! Captain Rex here. What tale do ye bring?",
         "tts_kind": "espeak",
         "voice": "en-us+m3",
@@ -37,7 +41,9 @@ DEMO_PERSONAS = [
         "name": "Sage",
         "avatar": "🌿",
         "description": "A calm coach for a short breathing break.",
-        "system_prompt": "You are Sage, a calm mindfulness coach. Speak slowly, in short sentences.",
+        "system_prompt": (
+            "You are Sage, a calm mindfulness coach. Speak slowly, in short sentences."
+        ),
         "greeting": "Hi, I'm Sage. Take a breath. How are you feeling?",
         "tts_kind": "espeak",
         "voice": "en-gb+f3",
@@ -55,7 +61,9 @@ def demo_seed() -> tuple[list[Persona], User]:
         )[0]
         for fields in DEMO_PERSONAS
     ]
-    user, _ = User.objects.get_or_create(username=DEMO_USERNAME, defaults={"email": "demo@example.com"})
+    user, _ = User.objects.get_or_create(
+        username=DEMO_USERNAME, defaults={"email": "demo@example.com"}
+    )
     user.set_password(DEMO_PASSWORD)
     user.is_staff = True
     user.is_superuser = True

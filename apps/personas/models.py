@@ -15,7 +15,9 @@ class Persona(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=80)
     slug = models.SlugField(max_length=80, unique=True)
-    avatar = models.CharField(max_length=8, default="🙂", help_text="An emoji shown in the gallery.")
+    avatar = models.CharField(
+        max_length=8, default="🙂", help_text="An emoji shown in the gallery."
+    )
     description = models.CharField(max_length=200, blank=True)
     system_prompt = models.TextField()
     greeting = models.TextField(blank=True)

@@ -61,22 +61,36 @@ def transcribe_window(
     key = utterance_key(conversation_id, utterance_id)
     if purpose == "partial" and cache.get(_final_requested_key(utterance_id)):
         return  # the final is on its way; a partial now would only delay it
-    if purpose == "final" and TranscriptSegment.objects.filter(
-        conversation_id=conversation_id, utterance_id=utterance_id
-    ).exists():
+    if (
+        purpose == "final"
+        and TranscriptSegment.objects.filter(
+            conversation_id=conversation_id, utterance_id=utterance_id
+        ).exists()
+    ):
         return
     pcm = audio_store().read(key, 0, end_byte)
     provider = stt_kind or settings.STT_KIND
     result = _transcribe(conversation_id, provider, pcm)
     if purpose == "partial":
-        publish(conversation_id, event("transcript.partial", utterance_id=utterance_id,
-                                       text=result.text if result else ""))
+        publish(
+            conversation_id,
+            event(
+                "transcript.partial", utterance_id=utterance_id, text=result.text if result else ""
+            ),
+        )
     elif purpose == "candidate":
-        publish(conversation_id, event(
-            "transcript.candidate", utterance_id=utterance_id, end_byte=end_byte,
-            text=result.text if result else "", confidence=result.confidence if result else None,
-            provider=provider, failed=result is None,
-        ))
+        publish(
+            conversation_id,
+            event(
+                "transcript.candidate",
+                utterance_id=utterance_id,
+                end_byte=end_byte,
+                text=result.text if result else "",
+                confidence=result.confidence if result else None,
+                provider=provider,
+                failed=result is None,
+            ),
+        )
     else:
         transcript_finalize(
             conversation_id=conversation_id,
@@ -98,13 +112,24 @@ def _transcribe(conversation_id: str, provider: str, pcm: bytes) -> Transcript |
         publish(conversation_id, event("error", code=exc.code, message=exc.message))
     except Exception:
         log.exception("speech-to-text failed")
-        publish(conversation_id, event("error", code="stt_unavailable",
-                                       message="Speech recognition failed for that utterance."))
+        publish(
+            conversation_id,
+            event(
+                "error",
+                code="stt_unavailable",
+                message="Speech recognition failed for that utterance.",
+            ),
+        )
     return None
 
 
 async def utterance_finalize_from_candidate(
-    *, conversation_id, utterance_id: str, candidate: dict, start_ms: int, end_ms: int,
+    *,
+    conversation_id,
+    utterance_id: str,
+    candidate: dict,
+    start_ms: int,
+    end_ms: int,
     speech_end_at: float,
 ) -> None:
     """The pause's transcript was the utterance's end: store it as the final
@@ -126,7 +151,13 @@ async def utterance_finalize_from_candidate(
 
 
 def synthesize_sentence(
-    *, conversation_id: str, reply_id: str, index: int, text: str, tts_kind: str = "", voice: str = ""
+    *,
+    conversation_id: str,
+    reply_id: str,
+    index: int,
+    text: str,
+    tts_kind: str = "",
+    voice: str = "",
 ) -> None:
     """Speak one sentence of a reply and push its audio. A cancelled reply
     (barge-in) is skipped; a failure pushes empty audio so later sentences
@@ -142,7 +173,9 @@ def synthesize_sentence(
         except Exception:
             log.exception("text-to-speech failed")
             failed = "tts_unavailable"
-            publish(conversation_id, event("error", code=failed, message="Speech synthesis failed."))
+            publish(
+                conversation_id, event("error", code=failed, message="Speech synthesis failed.")
+            )
     publish(
         conversation_id,
         event(
@@ -260,8 +293,10 @@ async def reply_run(
     except Exception:
         log.exception("reply failed")
         status, error_code = Message.Status.FAILED, "llm_unavailable"
-        await apublish(conversation_id, event(
-            "error", code=error_code, message="The persona could not answer just now."))
+        await apublish(
+            conversation_id,
+            event("error", code=error_code, message="The persona could not answer just now."),
+        )
     finally:
         state.done = True
         first_ms = _ms_between(final_at, state.first_token_at)

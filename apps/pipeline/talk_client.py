@@ -36,7 +36,9 @@ class TalkClient:
         headers = [f"Cookie: sessionid={self.session_cookie}"] if self.session_cookie else []
         self._t0 = time.monotonic()
         self._changed = threading.Condition()
-        self.ws = websocket.create_connection(self.url, header=headers, origin=origin, timeout=timeout)
+        self.ws = websocket.create_connection(
+            self.url, header=headers, origin=origin, timeout=timeout
+        )
         self.ws.settimeout(None)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -134,8 +136,7 @@ def turn_after_speech(client: TalkClient, *, after: int, timeout: float = 60) ->
     (with all its audio), or an empty transcript. Returns a summary."""
     end = client.wait_for(lambda e: e["type"] in ("speech.end",), timeout=timeout, after=after)
     outcome = client.wait_for(
-        lambda e: e["type"] in ("transcript.final", "transcript.empty")
-        and not e.get("replayed"),
+        lambda e: e["type"] in ("transcript.final", "transcript.empty") and not e.get("replayed"),
         timeout=timeout,
         after=after,
     )
@@ -147,9 +148,7 @@ def turn_after_speech(client: TalkClient, *, after: int, timeout: float = 60) ->
     first_delta = client.wait_for(lambda e: e["type"] == "reply.delta", timeout=1, after=after)
     summary["first_token_t"] = first_delta.t
     client.wait_quiet(quiet=1.5, timeout=timeout)
-    audio_starts = [
-        r for r in client.received[after:] if r.event["type"] == "reply.audio.start"
-    ]
+    audio_starts = [r for r in client.received[after:] if r.event["type"] == "reply.audio.start"]
     summary["first_audio_t"] = audio_starts[0].t if audio_starts else None
     summary["audio_bytes"] = sum(r.event["bytes"] for r in audio_starts)
     summary["audio_received"] = sum(

@@ -66,7 +66,9 @@ class Endpointer:
         elif not voiced:
             self._floor_db += 0.06
         if not self.in_speech:
-            self._voiced_ms = self._voiced_ms + SUBFRAME_MS if voiced else max(0, self._voiced_ms - SUBFRAME_MS)
+            self._voiced_ms = (
+                self._voiced_ms + SUBFRAME_MS if voiced else max(0, self._voiced_ms - SUBFRAME_MS)
+            )
             if self._voiced_ms >= self.min_speech_ms:
                 self.in_speech = True
                 self.utterance_ms = 0

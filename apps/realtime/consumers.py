@@ -1,13 +1,12 @@
 """The conversation socket (docs/protocol.md). Thin: it validates what the
-client sends, runs the cheap endpointer, appends audio to the utterance
-buffer, dispatches STT work, runs the reply task, and forwards group events.
-It never touches the ORM itself: services run through database_sync_to_async."""
+client sends, hands audio to the socket's SpeechIngest (speech.py), runs the
+reply task, and forwards group events. It never touches the ORM itself:
+services run through database_sync_to_async."""
 
 import asyncio
 import json
 import logging
 import time
-import uuid
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -24,18 +23,8 @@ from apps.conversations.services import (
     replay_events,
     text_message_add,
 )
-from apps.pipeline.audio_store import audio_store, utterance_key
-from apps.pipeline.dispatch import enqueue
-from apps.pipeline.services import (
-    ReplyState,
-    reply_claim,
-    reply_cancel_audio,
-    reply_run,
-    utterance_finalize_from_candidate,
-    utterance_mark_ended,
-)
-from apps.pipeline.tasks import transcribe_window_task
-from apps.pipeline.vad import BYTES_PER_MS, Endpointer
+from apps.pipeline.services import ReplyState, reply_cancel_audio, reply_claim, reply_run
+from apps.pipeline.vad import BYTES_PER_MS
 
 from .events import PROTOCOL_VERSION, event, group_name
 from .protocol import (
@@ -46,6 +35,7 @@ from .protocol import (
     parse_hello,
     parse_text,
 )
+from .speech import SpeechIngest
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +44,6 @@ CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 CLOSE_UNSUPPORTED_PROTOCOL = 4400
 AUDIO_CHUNK_BYTES = 32_768
-
-
-class Utterance:
-    def __init__(self, start_ms: int) -> None:
-        self.id = uuid.uuid4().hex
-        self.start_ms = start_ms
-        self.bytes = 0
-        self.candidate_end = 0  # bytes at the last pause, transcribed as a candidate
-        self.candidate: dict | None = None  # that transcript, once back
-        self.end_ms = 0
-        self.speech_end_at = 0.0
-        self.partial_at_bytes = 0
-        self.partial_in_flight = False
 
 
 class ConversationConsumer(AsyncWebsocketConsumer):
@@ -88,17 +65,13 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         self.greeted = False
         self.reply_task: asyncio.Task | None = None
         self.reply_state = ReplyState()
-        self.utterance: Utterance | None = None
-        self.stream_ms = 0
         self.audio_sent: dict[str, int] = {}
         self.audio_waiting: dict[str, dict[int, dict]] = {}
         self.cancelled_replies: set[str] = set()
         self.error_sent_at: dict[str, float] = {}
-        self.my_utterances: set[str] = set()
         self.held: list[dict] = []  # group events that came before hello's replay
         self.sent_seqs: set[int] = set()  # stored turns this socket has been sent
         self.last_reply_id = ""
-        self.awaiting: dict[str, Utterance] = {}  # ended; final waits for a candidate
         self.background: set[asyncio.Task] = set()
         user = self.scope.get("user")
         await self.accept()
@@ -123,11 +96,12 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             "llm": persona.llm_kind or settings.LLM_KIND,
             "tts": persona.tts_kind or settings.TTS_KIND,
         }
-        self.endpointer = Endpointer(
-            end_silence_ms=settings.VAD_END_SILENCE_MS,
-            pause_ms=settings.VAD_PAUSE_MS,
-            min_speech_ms=settings.VAD_MIN_SPEECH_MS,
-            max_utterance_ms=settings.VAD_MAX_UTTERANCE_MS,
+        self.speech = SpeechIngest(
+            conversation_id=conversation.id,
+            stt_kind=self.stt_kind,
+            send=self.send_event,
+            may_start=self.check_quota,
+            started=self.speech_started,
         )
         self.rate = AudioRateLimiter(
             factor=settings.AUDIO_RATE_FACTOR, burst_ms=settings.AUDIO_RATE_BURST_S * 1000
@@ -143,10 +117,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             task.cancel()
         if self.conversation is None:
             return
-        if self.utterance is not None:
-            await self.utterance_end(reason="disconnect")  # keep what was said
-        for utterance_id in list(self.awaiting):
-            self.candidate_overdue(utterance_id)
+        await self.speech.close()  # keep what was said
         await self.channel_layer.group_discard(group_name(self.conversation.id), self.channel_name)
 
     # --- from the client -----------------------------------------------------
@@ -177,8 +148,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         if kind == "ping":
             await self.send_event(event("pong", t=message.get("t")))
         elif kind == "audio.end":
-            if self.endpointer.force_end():
-                await self.utterance_end(reason="client")
+            await self.speech.end(reason="client")
         elif kind == "interrupt":
             await self.interrupt_reply(everywhere=True)
         elif kind == "text":
@@ -200,8 +170,12 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                     "avatar": conversation.persona.avatar,
                 },
                 last_seq=max([resume_from, *(m.seq for m in messages)]),
-                audio={"sample_rate": 16000, "format": "pcm_s16le", "channels": 1,
-                       "max_frame_bytes": settings.AUDIO_FRAME_MAX_BYTES},
+                audio={
+                    "sample_rate": 16000,
+                    "format": "pcm_s16le",
+                    "channels": 1,
+                    "max_frame_bytes": settings.AUDIO_FRAME_MAX_BYTES,
+                },
                 engines=self.engines,
                 llm_is_offline_echo=self.engines["llm"] == "echo",
             )
@@ -243,118 +217,10 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             raise ProtocolError(
                 "rate_limited", "Audio is arriving faster than real time; frames were dropped."
             )
-        self.stream_ms += frame_ms
-        happened = self.endpointer.feed(data)
-        for start in (h for h in happened if h.kind == "start"):
-            await self.utterance_start(start.audio, frame_ms)
-        await self.utterance_append(data)
-        if any(h.kind == "pause" for h in happened):
-            self.transcribe(self.utterance, purpose="candidate")
-        for end in (h for h in happened if h.kind == "end"):
-            await self.utterance_end(reason=end.reason)
+        await self.speech.frame(data)
 
-    async def utterance_start(self, preroll: bytes, frame_ms: float) -> None:
-        await self.check_quota()  # raises: no utterance, the frames are not kept
-        start_ms = max(0, int(self.stream_ms - frame_ms) - len(preroll) // BYTES_PER_MS)
-        self.utterance = Utterance(start_ms=start_ms)
-        self.my_utterances.add(self.utterance.id)
-        await self.send_event(event("speech.start", utterance_id=self.utterance.id))
-        await self.interrupt_reply(everywhere=True)
-        await self.utterance_append(preroll)
-
-    async def utterance_append(self, data: bytes) -> None:
-        utterance = self.utterance
-        if utterance is None or not data:
-            return
-        key = utterance_key(str(self.conversation.id), utterance.id)
-        utterance.bytes = await audio_store().append(key, data)
-        due = utterance.bytes - utterance.partial_at_bytes >= settings.STT_PARTIAL_EVERY_MS * BYTES_PER_MS
-        if due and not utterance.partial_in_flight:
-            utterance.partial_in_flight = True
-            utterance.partial_at_bytes = utterance.bytes
-            self.transcribe(utterance, purpose="partial")
-
-    async def utterance_end(self, *, reason: str) -> None:
-        """Close the utterance. After a pause (the usual end), the candidate
-        transcribed at the pause becomes the final: at once if it is back,
-        else when it comes (with a fallback to a fresh final)."""
-        utterance, self.utterance = self.utterance, None
-        if utterance is None:
-            return
-        utterance.speech_end_at = time.time()
-        utterance.end_ms = utterance.start_ms + utterance.bytes // BYTES_PER_MS
-        if reason == "silence" and utterance.candidate_end:
-            self.awaiting[utterance.id] = utterance
-            if utterance.candidate is not None:
-                await self.finalize_from_candidate(utterance)
-            else:
-                asyncio.get_running_loop().call_later(
-                    settings.STT_CANDIDATE_WAIT_S, self.candidate_overdue, utterance.id
-                )
-        else:
-            self.transcribe(utterance, purpose="final")
-        if utterance.partial_in_flight:
-            await utterance_mark_ended(utterance_id=utterance.id)
-        await self.send_event(
-            event(
-                "speech.end",
-                utterance_id=utterance.id,
-                duration_ms=utterance.bytes // BYTES_PER_MS,
-                reason=reason,
-            )
-        )
-
-    def transcribe(self, utterance: Utterance, *, purpose: str) -> None:
-        if purpose == "candidate":
-            utterance.candidate_end, utterance.candidate = utterance.bytes, None
-        enqueue(
-            transcribe_window_task,
-            queue="stt_partial" if purpose == "partial" else "stt",
-            conversation_id=str(self.conversation.id),
-            utterance_id=utterance.id,
-            end_byte=utterance.bytes,
-            purpose=purpose,
-            stt_kind=self.stt_kind,
-            start_ms=utterance.start_ms,
-            speech_end_at=utterance.speech_end_at or None,
-        )
-
-    async def transcript_candidate(self, message: dict) -> None:
-        """The transcript of an utterance up to a pause (this socket's own)."""
-        utterance_id = message["utterance_id"]
-        utterance = self.awaiting.get(utterance_id)
-        if utterance is None and self.utterance is not None and self.utterance.id == utterance_id:
-            utterance = self.utterance
-        if utterance is None or message["end_byte"] != utterance.candidate_end:
-            return  # stale: the user spoke again after that pause
-        if message.get("failed"):
-            utterance.candidate_end = 0  # the end will run a fresh final
-            if utterance_id in self.awaiting:
-                self.candidate_overdue(utterance_id)
-            return
-        utterance.candidate = message
-        if utterance_id in self.awaiting:
-            await self.finalize_from_candidate(utterance)
-        elif message["text"] and utterance is self.utterance:
-            await self.send_event(event("transcript.partial", utterance_id=utterance_id,
-                                        text=message["text"]))
-
-    async def finalize_from_candidate(self, utterance: Utterance) -> None:
-        self.awaiting.pop(utterance.id, None)
-        await utterance_finalize_from_candidate(
-            conversation_id=self.conversation.id,
-            utterance_id=utterance.id,
-            candidate=utterance.candidate,
-            start_ms=utterance.start_ms,
-            end_ms=utterance.end_ms,
-            speech_end_at=utterance.speech_end_at,
-        )
-
-    def candidate_overdue(self, utterance_id: str) -> None:
-        """No candidate in time (or it failed, or the socket closes): a fresh final."""
-        utterance = self.awaiting.pop(utterance_id, None)
-        if utterance is not None:
-            self.transcribe(utterance, purpose="final")
+    async def speech_started(self) -> None:
+        await self.interrupt_reply(everywhere=True)  # barge-in
 
     # --- replies ---------------------------------------------------------------
 
@@ -362,7 +228,9 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         await self.interrupt_reply()  # one reply at a time
         self.reply_state = ReplyState()
         self.reply_task = asyncio.create_task(
-            reply_run(conversation_id=self.conversation.id, final_at=final_at, state=self.reply_state)
+            reply_run(
+                conversation_id=self.conversation.id, final_at=final_at, state=self.reply_state
+            )
         )
 
     async def interrupt_reply(self, *, everywhere: bool = False) -> None:
@@ -385,8 +253,13 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             task.cancel()  # reply_run stores the partial reply and publishes reply.interrupted
         else:
             await self.send_event(
-                event("reply.interrupted", reply_id=state.reply_id, seq=None, text=state.text,
-                      audio_only=True)
+                event(
+                    "reply.interrupted",
+                    reply_id=state.reply_id,
+                    seq=None,
+                    text=state.text,
+                    audio_only=True,
+                )
             )
         await database_sync_to_async(reply_cancel_audio)(reply_id=state.reply_id)
 
@@ -416,20 +289,16 @@ class ConversationConsumer(AsyncWebsocketConsumer):
     # --- group events -> client ---------------------------------------------------
 
     async def transcript_partial(self, message: dict) -> None:
-        """Partials go to the socket that is speaking, while it still speaks."""
-        utterance = self.utterance
-        if utterance is None or message["utterance_id"] != utterance.id:
-            return
-        utterance.partial_in_flight = False
-        if message["text"]:
-            await self.send_event(message)
+        await self.speech.partial(message)
+
+    async def transcript_candidate(self, message: dict) -> None:
+        await self.speech.candidate(message)
 
     async def transcript_final(self, message: dict) -> None:
         await self.forward(message)
         if message["source"] != "voice":
             return
-        if message["utterance_id"] in self.my_utterances:  # this socket heard it: reply
-            self.my_utterances.discard(message["utterance_id"])
+        if self.speech.settled(message["utterance_id"]):  # this socket heard it: reply
             if await reply_claim(user_message_id=message["message_id"]):
                 await self.start_reply(final_at=time.time())
         else:
@@ -438,7 +307,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             task.add_done_callback(self.background.discard)
 
     async def transcript_empty(self, message: dict) -> None:
-        self.my_utterances.discard(message["utterance_id"])
+        self.speech.settled(message["utterance_id"])
         await self.forward(message)
 
     async def reply_delta(self, message: dict) -> None:

@@ -32,7 +32,9 @@ SERVER_EVENTS: dict[str, frozenset[str]] = {
 # Internal events that travel on the channel layer only.
 GROUP_ONLY_EVENTS: dict[str, frozenset[str]] = {
     "reply.audio": frozenset({"reply_id", "index", "sample_rate", "pcm"}),
-    "transcript.candidate": frozenset({"utterance_id", "end_byte", "text", "confidence", "provider"}),
+    "transcript.candidate": frozenset(
+        {"utterance_id", "end_byte", "text", "confidence", "provider"}
+    ),
 }
 
 

@@ -61,7 +61,8 @@ def parse_text(message: dict) -> str:
         raise ProtocolError("bad_message", 'A "text" message needs non-empty "text".')
     if len(text) > settings.TEXT_MESSAGE_MAX_CHARS:
         raise ProtocolError(
-            "text_too_long", f"Messages are limited to {settings.TEXT_MESSAGE_MAX_CHARS} characters."
+            "text_too_long",
+            f"Messages are limited to {settings.TEXT_MESSAGE_MAX_CHARS} characters.",
         )
     return text.strip()
 
@@ -99,7 +100,9 @@ class AudioRateLimiter:
         now = time.monotonic() if now is None else now
         if self._allowance < 0:
             self._allowance, self._last = self.burst_ms, now
-        self._allowance = min(self.burst_ms, self._allowance + (now - self._last) * 1000 * self.factor)
+        self._allowance = min(
+            self.burst_ms, self._allowance + (now - self._last) * 1000 * self.factor
+        )
         self._last = now
         if audio_ms > self._allowance:
             return False

@@ -27,7 +27,9 @@ def _build(kinds: dict[str, str], kind: str, stage: str):
     try:
         path = kinds[kind]
     except KeyError:
-        raise ValueError(f"unknown {stage} kind {kind!r}; known: {', '.join(sorted(kinds))}") from None
+        raise ValueError(
+            f"unknown {stage} kind {kind!r}; known: {', '.join(sorted(kinds))}"
+        ) from None
     module_name, class_name = path.rsplit(".", 1)
     return getattr(importlib.import_module(module_name), class_name)()
 

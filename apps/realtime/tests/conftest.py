@@ -20,14 +20,18 @@ def talker(voice_server):
     """Open a socket as a new user (or a given one) on a new conversation."""
     clients: list[TalkClient] = []
 
-    def open_socket(persona: str = "ada", *, user: User | None = None, conversation=None,
-                    resume_from: int = 0, connect: bool = True) -> TalkClient:
+    def open_socket(
+        persona: str = "ada",
+        *,
+        user: User | None = None,
+        conversation=None,
+        resume_from: int = 0,
+        connect: bool = True,
+    ) -> TalkClient:
         if user is None:
             user = User.objects.create_user(f"talker{User.objects.count()}", password="pw-123456!")
         if conversation is None:
-            conversation = conversation_start(
-                user=user, persona=Persona.objects.get(slug=persona)
-            )
+            conversation = conversation_start(user=user, persona=Persona.objects.get(slug=persona))
         client = TalkClient(
             f"{voice_server.ws_url}/ws/conversations/{conversation.id}/",
             session_cookie=session_key_create(user=user),

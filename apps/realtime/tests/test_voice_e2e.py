@@ -11,7 +11,7 @@ from apps.conversations.models import Message, TranscriptSegment
 from apps.personas.models import Persona
 from apps.pipeline.providers.registry import stt_get
 from apps.pipeline.talk_client import TalkClient
-from tests.audio import english_clips, manifest, pcm_of, word_error_rate
+from tests.audio import english_clips, manifest, normalize, pcm_of, word_error_rate
 
 SILENCE_2S = bytes(64_000)
 
@@ -41,8 +41,11 @@ def _audio_complete(events: list[dict]) -> bool:
     done = [e for e in events if e["type"] == "reply.done"]
     if not done:
         return True
-    parts = {e["index"] for e in events
-             if e["type"] == "reply.audio.start" and e["reply_id"] == done[-1]["reply_id"]}
+    parts = {
+        e["index"]
+        for e in events
+        if e["type"] == "reply.audio.start" and e["reply_id"] == done[-1]["reply_id"]
+    }
     return len(parts) >= done[-1]["audio_parts"]
 
 
@@ -55,7 +58,9 @@ def test_streamed_transcripts_match_offline_and_replies_are_spoken(talker):
 
     # when each clip is streamed at real-time pace, four speakers at a time
     with ThreadPoolExecutor(4) as pool:
-        results = dict(zip(names, pool.map(lambda n: speak(clients[n], pcm_of(n)), names), strict=True))
+        results = dict(
+            zip(names, pool.map(lambda n: speak(clients[n], pcm_of(n)), names), strict=True)
+        )
 
     # then the streamed finals are as good as offline transcription (within 2 points)
     streamed = [
@@ -65,6 +70,9 @@ def test_streamed_transcripts_match_offline_and_replies_are_spoken(talker):
     streamed_wer = word_error_rate(references, streamed)
     offline_wer = word_error_rate(references, offline)
     print(f"WER streamed {streamed_wer:.3f} offline {offline_wer:.3f} over {len(names)} clips")
+    for name, got, alone in zip(names, streamed, offline, strict=True):
+        if normalize(got) != normalize(alone):
+            print(f"  {name}: streamed {got!r} / offline {alone!r}")
     assert streamed_wer <= offline_wer + 0.02
     for name in names:
         events = results[name]
@@ -73,8 +81,11 @@ def test_streamed_transcripts_match_offline_and_replies_are_spoken(talker):
         # the reply streams token by token, then its audio arrives in full
         assert types.count("reply.delta") >= 3, name
         done = [e for e in events if e["type"] == "reply.done"][-1]
-        starts = [e for e in events if e["type"] == "reply.audio.start"
-                  and e["reply_id"] == done["reply_id"]]
+        starts = [
+            e
+            for e in events
+            if e["type"] == "reply.audio.start" and e["reply_id"] == done["reply_id"]
+        ]
         assert [s["index"] for s in starts] == list(range(len(starts))) and starts, name
         announced = sum(s["bytes"] for s in starts)
         received = sum(e["bytes"] for e in events if e["type"] == "binary")
@@ -89,8 +100,9 @@ def test_streamed_transcripts_match_offline_and_replies_are_spoken(talker):
     assert stored.count() == sum(
         1 for n in names for e in results[n] if e["type"] == "transcript.final"
     )
-    assert not Message.objects.filter(role="user", source="voice",
-                                      speech_end_to_final_ms__isnull=True).exists()
+    assert not Message.objects.filter(
+        role="user", source="voice", speech_end_to_final_ms__isnull=True
+    ).exists()
 
 
 def test_partials_come_before_each_final(talker):
@@ -101,8 +113,11 @@ def test_partials_come_before_each_final(talker):
     assert finals
     for final in finals:
         before = events[: events.index(final)]
-        partials = [e for e in before if e["type"] == "transcript.partial"
-                    and e["utterance_id"] == final["utterance_id"]]
+        partials = [
+            e
+            for e in before
+            if e["type"] == "transcript.partial" and e["utterance_id"] == final["utterance_id"]
+        ]
         if lengths[final["utterance_id"]] >= 1500:
             assert partials, final
         # a draft is a draft of this utterance: its words lead into the final's
@@ -178,16 +193,15 @@ def test_resume_replays_what_was_missed_exactly_once(talker):
 
     # when a new socket says hello with the last seq it saw
     again = talker(user=first.user, conversation=first.conversation, resume_from=seen)
-    again.wait_for(
-        lambda e: e["type"] == "reply.done" and LONG_TEXT[:40] in e["text"], timeout=60
-    )
+    again.wait_for(lambda e: e["type"] == "reply.done" and LONG_TEXT[:40] in e["text"], timeout=60)
     again.wait_quiet(quiet=1.0)
 
     # then every stored turn after that seq arrives once, in order, and nothing before it
     seqs = [e["seq"] for e in again.events() if e["type"] in ("transcript.final", "reply.done")]
     stored = list(
         Message.objects.filter(conversation=first.conversation, seq__gt=seen)
-        .order_by("seq").values_list("seq", flat=True)
+        .order_by("seq")
+        .values_list("seq", flat=True)
     )
     assert seqs == stored and len(stored) == 2
 
@@ -205,12 +219,17 @@ def test_a_turn_whose_socket_dropped_before_its_final_is_still_answered(talker):
 
     # then it gets the final transcript and the reply, once each
     final = again.wait_for(lambda e: e["type"] == "transcript.final", timeout=60).event
-    done = again.wait_for(lambda e: e["type"] == "reply.done" and e["seq"] > final["seq"],
-                          timeout=60).event
+    done = again.wait_for(
+        lambda e: e["type"] == "reply.done" and e["seq"] > final["seq"], timeout=60
+    ).event
     again.wait_quiet(quiet=2.0)
     assert "high level" in final["text"].lower() and "high level" in done["text"].lower()
-    assert Message.objects.filter(conversation=first.conversation, role="assistant",
-                                  source="llm").count() == 1
+    assert (
+        Message.objects.filter(
+            conversation=first.conversation, role="assistant", source="llm"
+        ).count()
+        == 1
+    )
 
 
 def test_stop_from_a_reconnected_socket_interrupts_the_reply(talker):
