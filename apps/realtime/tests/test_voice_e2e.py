@@ -6,7 +6,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from django.test import Client
+from django.urls import reverse
 
+from apps.accounts.models import User
 from apps.conversations.models import Message, TranscriptSegment
 from apps.personas.models import Persona
 from apps.pipeline.providers.registry import stt_get
@@ -269,6 +272,32 @@ def test_persona_voice_switch_takes_effect_on_the_next_turn(talker):
         return start.event["engine"]
 
     assert reply_engine() == "piper"
-    persona.tts_kind = "espeak"  # what staff do in the admin
-    persona.save(update_fields=["tts_kind", "updated_at"])
+
+    # staff switch the voice in the admin, while the socket stays open
+    staff = User.objects.create_superuser("staff", password="pw-123456!")
+    browser = Client()
+    browser.force_login(staff)
+    form = {
+        field: getattr(persona, field)
+        for field in (
+            "name",
+            "slug",
+            "avatar",
+            "description",
+            "system_prompt",
+            "greeting",
+            "voice",
+            "llm_kind",
+            "llm_model",
+            "temperature",
+            "max_tokens",
+            "stt_kind",
+        )
+    }
+    changed = browser.post(
+        reverse("admin:personas_persona_change", args=[persona.pk]),
+        {**form, "tts_kind": "espeak", "is_published": "on", "_save": "Save"},
+    )
+    assert changed.status_code == 302, changed.content[:500]
+
     assert reply_engine() == "espeak"
