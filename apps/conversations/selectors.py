@@ -52,7 +52,8 @@ def conversation_list_for_user(*, user, query: str = "") -> QuerySet[Conversatio
     if query:
         said = Message.objects.filter(conversation=OuterRef("pk"), text__icontains=query)
         conversations = conversations.filter(Q(persona__name__icontains=query) | Exists(said))
-    return conversations.annotate(message_count=Count("messages"))
+    # Meta.ordering does not apply to GROUP BY queries: order explicitly.
+    return conversations.annotate(message_count=Count("messages")).order_by("-started_at")
 
 
 def turn_unanswered(*, conversation_id: UUID) -> Message | None:

@@ -622,7 +622,13 @@ function startCapture({ preroll }) {
 function stopPlayback({ tellServer }) {
   if (tellServer) send({ type: "interrupt" });
   for (const id of streaming.keys()) stoppedReplies.add(id);
-  if (audioReplyId) stoppedReplies.add(audioReplyId);
+  if (audioReplyId && player.playing) {
+    // Its audio may all have reached us already: the server has nothing left to
+    // stop, so mark here that the rest was not heard.
+    stoppedReplies.add(audioReplyId);
+    const li = [...bySeq.values()].find((item) => item.dataset.replyId === audioReplyId);
+    if (li) li.classList.add("cut");
+  }
   player.stop();
   refreshControls();
 }

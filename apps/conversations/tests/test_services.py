@@ -51,7 +51,10 @@ class GroupListener:
 
 
 @pytest.fixture(autouse=True)
-def clean_layer():
+def clean_layer(settings):
+    # Listen on an in-memory layer in both test modes: these tests check what the
+    # services publish, not the transport (the e2e tests cover Redis).
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     yield
     async_to_sync(get_channel_layer().flush)()
 
