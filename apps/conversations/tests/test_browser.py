@@ -159,7 +159,7 @@ def assert_each_message_once(page: Page, conversation: Conversation) -> None:
 def wait_until_stored_and_shown(page: Page, *, count: int) -> None:
     expect(page.locator("#log li.msg[data-seq]")).to_have_count(count, timeout=TURN_TIMEOUT_MS)
     page.wait_for_function(
-        "!document.querySelector('#log li.msg.streaming')", timeout=TURN_TIMEOUT_MS
+        "() => !document.querySelector('#log li.msg.streaming')", timeout=TURN_TIMEOUT_MS
     )
 
 
@@ -216,7 +216,7 @@ def test_hands_free_voice_turn_is_transcribed_answered_and_spoken(page):
         expect(page.locator("#echo-note")).to_contain_text(
             "Offline echo stand-in: no language model configured"
         )
-    page.wait_for_function("window.parleyStats.samplesQueued > 0", timeout=TURN_TIMEOUT_MS)
+    page.wait_for_function("() => window.parleyStats.samplesQueued > 0", timeout=TURN_TIMEOUT_MS)
 
     # and the latency readout shows the turn's stages
     page.click("#latency-toggle")
@@ -276,7 +276,7 @@ def test_reconnect_mid_reply_shows_each_message_once(page):
     assert was_streaming
 
     # then the page reconnects, resumes, and every stored turn is shown exactly once
-    page.wait_for_function("window.__states.includes('reconnecting')")
+    page.wait_for_function("() => window.__states.includes('reconnecting')")
     expect(page.locator("#status")).to_have_attribute("data-state", "live", timeout=30_000)
     reply = page.locator("#log li.msg.assistant[data-seq='3']")
     expect(reply).to_contain_text("the end", timeout=TURN_TIMEOUT_MS)
@@ -285,7 +285,7 @@ def test_reconnect_mid_reply_shows_each_message_once(page):
 
     # and an idle reconnect, then a reload, replay nothing twice
     page.evaluate("window.parley.socket.close(4000)")
-    page.wait_for_function("window.parley.state !== 'live'")
+    page.wait_for_function("() => window.parley.state !== 'live'")
     expect(page.locator("#status")).to_have_attribute("data-state", "live", timeout=30_000)
     assert_each_message_once(page, conversation)
     page.reload()
@@ -327,7 +327,9 @@ def test_push_to_talk_with_the_space_bar(page):
 
     # then
     expect(page.locator("#talk")).to_have_attribute("aria-pressed", "false")
-    page.wait_for_function("document.getElementById('conversation').dataset.capturing === 'no'")
+    page.wait_for_function(
+        "() => document.getElementById('conversation').dataset.capturing === 'no'"
+    )
     reference = manifest()[CLIP]["reference_transcript"]
     said = heard.locator(".text").text_content()
     assert word_error_rate([reference], [said]) < 0.35, said
@@ -343,7 +345,7 @@ def test_stop_button_silences_the_reply_at_once(page):
     conversation = talk_to(page, "ada")
     sentences = " ".join(f"This is sentence number {i} of a long message." for i in range(1, 7))
     send_text(page, sentences)
-    page.wait_for_function("window.parley.player.playing", timeout=TURN_TIMEOUT_MS)
+    page.wait_for_function("() => window.parley.player.playing", timeout=TURN_TIMEOUT_MS)
     expect(page.locator("#stop")).to_be_enabled()
 
     # when

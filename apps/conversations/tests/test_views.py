@@ -1,3 +1,4 @@
+import re
 import uuid
 
 import pytest
@@ -131,3 +132,20 @@ def test_conversation_pages_require_login(client, path):
 
 def test_conversation_page_of_another_user_is_not_found(client, user):
     assert client.get(f"/conversations/{ConversationFactory().id}/").status_code == 404
+
+
+def test_pages_carry_a_content_security_policy_without_inline_scripts(client):
+    # given a signed-in user on the conversation page
+    conversation = ConversationFactory()
+    client.force_login(conversation.user)
+
+    # when
+    response = client.get(f"/conversations/{conversation.id}/")
+
+    # then scripts may come from this origin only, and the page has no inline script
+    policy = response.headers["Content-Security-Policy"]
+    script_src = next(d for d in policy.split(";") if d.strip().startswith("script-src"))
+    assert script_src.split() == ["script-src", "'self'"]
+    assert "frame-ancestors 'none'" in policy
+    scripts = re.findall(r"<script\b[^>]*>", response.content.decode())
+    assert scripts and all(" src=" in tag for tag in scripts), scripts
