@@ -1,4 +1,5 @@
-"""The Celery app. Queues: `default`, `stt` (speech-to-text), `tts` (text-to-speech);
+"""The Celery app. Queues: `default`, `stt` (final and candidate transcripts),
+`stt_partial` (drafts, read by the same workers after `stt`), `tts` (text-to-speech);
 each runs as its own worker Deployment in production and scales on its own backlog."""
 
 import logging
@@ -32,9 +33,9 @@ def preload_engines(**_kwargs) -> None:
     from apps.pipeline.providers.registry import stt_get, tts_get
 
     queues = app.amqp.queues.consume_from
-    for queue, get in (("stt", stt_get), ("tts", tts_get)):
-        if queue in queues:
+    for prefix, get in (("stt", stt_get), ("tts", tts_get)):
+        if any(queue.startswith(prefix) for queue in queues):
             try:
                 get()
             except Exception:
-                logging.getLogger(__name__).exception("could not preload the %s engine", queue)
+                logging.getLogger(__name__).exception("could not preload the %s engine", prefix)

@@ -78,8 +78,9 @@ class Endpointer:
                 self._preroll_bytes = 0
             return
         self.utterance_ms += SUBFRAME_MS
+        before = self._silence_ms
         self._silence_ms = 0 if voiced else self._silence_ms + SUBFRAME_MS
-        if self._silence_ms == self.pause_ms:
+        if before < self.pause_ms <= self._silence_ms:
             events.append(EndpointEvent("pause"))
         if self._silence_ms >= self.end_silence_ms:
             self._end("silence", events)

@@ -238,11 +238,12 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         may run on another socket of the conversation (one that reconnected):
         `everywhere` asks the other sockets to stop theirs too."""
         state, task = self.reply_state, self.reply_task
-        if everywhere and (task is None or task.done()):
-            await self.interrupt_elsewhere()
-        if task is not None and not task.done() and not state.reply_id:
+        running_here = task is not None and not task.done()
+        if running_here and not state.reply_id:
             task.cancel()  # still preparing: nothing said yet
             return
+        if everywhere and not running_here:
+            await self.interrupt_elsewhere()
         if not state.reply_id or state.reply_id in self.cancelled_replies:
             return
         if state.done and self.audio_sent.get(state.reply_id, 0) >= state.sentences:
@@ -265,7 +266,8 @@ class ConversationConsumer(AsyncWebsocketConsumer):
 
     async def interrupt_elsewhere(self) -> None:
         reply_id = self.last_reply_id
-        if reply_id and reply_id not in self.cancelled_replies:
+        own = reply_id == self.reply_state.reply_id  # handled by interrupt_reply
+        if reply_id and not own and reply_id not in self.cancelled_replies:
             self.cancelled_replies.add(reply_id)
             self.audio_waiting.pop(reply_id, None)
             await database_sync_to_async(reply_cancel_audio)(reply_id=reply_id)
@@ -332,7 +334,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             self.held.append(message)
             return
         seq = message.get("seq")
-        if seq is not None and message["type"] != "reply.interrupted":
+        if seq is not None:
             if seq in self.sent_seqs:
                 return
             self.sent_seqs.add(seq)
