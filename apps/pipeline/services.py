@@ -255,7 +255,25 @@ async def reply_run(
     """Stream the persona's reply: tokens to the sockets as they come, each
     finished sentence to the TTS queue, the whole reply stored at the end.
     Cancelling the task (barge-in) stores what was said, marked interrupted."""
-    plan = await database_sync_to_async(reply_prepare)(conversation_id=conversation_id)
+    preparing = asyncio.ensure_future(
+        database_sync_to_async(reply_prepare)(conversation_id=conversation_id)
+    )
+    try:
+        plan = await asyncio.shield(preparing)
+    except asyncio.CancelledError:
+        # Stopped before the first token: the reply's seq may be taken already;
+        # record it as an empty interrupted reply, so no turn is left "streaming".
+        plan = await preparing
+        await database_sync_to_async(reply_finish)(
+            message_id=plan.message.id,
+            text="",
+            status=Message.Status.INTERRUPTED,
+            prompt_tokens=0,
+            completion_tokens=0,
+            final_to_first_token_ms=None,
+            reply_total_ms=None,
+        )
+        raise
     reply_id = str(plan.message.id)
     state.reply_id = reply_id
     splitter = SentenceSplitter()

@@ -172,6 +172,20 @@ def test_interrupt_cancels_the_reply_and_stores_it_as_interrupted(talker):
     assert stored.text == stopped.event["text"] and 0 < len(stored.text) < len(LONG_TEXT)
 
 
+def test_a_stop_before_the_first_token_leaves_no_turn_half_done(talker):
+    client = talker("ada")
+    after = len(client.received)
+    client.send_json({"type": "text", "text": "never mind"})
+    client.send_json({"type": "interrupt"})  # while the reply is being prepared
+    client.wait_quiet(quiet=1.5)
+    assert not Message.objects.filter(conversation=client.conversation, status="streaming")
+    assert "reply.delta" not in [r.event["type"] for r in client.received[after:]]
+    # and the conversation goes on
+    client.send_json({"type": "text", "text": "second try"})
+    done = client.wait_for(lambda e: e["type"] == "reply.done", after=after).event
+    assert "second try" in done["text"]
+
+
 def test_speaking_over_the_reply_interrupts_it(talker):
     client = talker("ada")
     after = len(client.received)
