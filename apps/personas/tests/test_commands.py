@@ -3,6 +3,7 @@ from io import StringIO
 
 import pytest
 from django.core.management import call_command
+from django.core.management.base import CommandError
 
 from apps.accounts.models import User
 from apps.personas.models import Persona
@@ -90,3 +91,10 @@ def test_seed_demo_republishes_and_restores_an_edited_persona():
     ada = Persona.objects.get(slug="ada")
     assert ada.is_published
     assert ada.system_prompt != "changed"
+
+
+def test_seed_demo_refuses_in_production(settings):
+    settings.PRODUCTION = True
+    with pytest.raises(CommandError, match="refusing in production"):
+        call_command("seed_demo", stdout=StringIO())
+    assert not User.objects.filter(username="demo").exists()

@@ -1,4 +1,5 @@
-from django.core.management.base import BaseCommand
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
 
 from apps.personas.demo import DEMO_PASSWORD, demo_seed
 
@@ -6,7 +7,19 @@ from apps.personas.demo import DEMO_PASSWORD, demo_seed
 class Command(BaseCommand):
     help = "Create three published demo personas and a demo (staff) user."
 
-    def handle(self, *args, **options):
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--allow-production",
+            action="store_true",
+            help="seed even with DJANGO_ENV=production (the demo login is public)",
+        )
+
+    def handle(self, *args, allow_production, **options):
+        if settings.PRODUCTION and not allow_production:
+            raise CommandError(
+                "seed_demo creates a superuser with a published password; "
+                "refusing in production (pass --allow-production to insist)"
+            )
         personas, user = demo_seed()
         names = ", ".join(persona.name for persona in personas)
         self.stdout.write(f"Personas: {names}")
