@@ -45,34 +45,12 @@ def _prepare_database(mode: str) -> dict:
         subprocess.run(
             ["bash", "scripts/services.sh", "up"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL
         )
-        subprocess.run(
-            [
-                "psql",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-qc",
-                "DROP DATABASE IF EXISTS parley_bench WITH (FORCE)",
-            ],
-            check=True,
-        )
-        subprocess.run(
-            [
-                "psql",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-qc",
-                "CREATE DATABASE parley_bench",
-            ],
-            check=True,
-        )
+        for sql in (
+            "DROP DATABASE IF EXISTS parley_bench WITH (FORCE)",
+            "CREATE DATABASE parley_bench",
+        ):
+            psql = ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc", sql]
+            subprocess.run(psql, check=True)
         env.update(
             DATABASE_URL="postgres://postgres@127.0.0.1:6432/parley_bench",
             REDIS_URL="redis://127.0.0.1:6379/0",
