@@ -1,9 +1,15 @@
 """Per-utterance audio buffers, shared by the web process (which appends
-frames) and the STT workers (which read windows by offset). Redis in
-production, so audio crosses the network once; process memory otherwise."""
+frames) and the STT workers (which read windows by offset), and the
+short-lived flags of live conversations (a reply claimed, a reply stopped,
+an utterance ended). Redis in production, so audio crosses the network once;
+process memory otherwise. The web process uses the async methods, with
+native async Redis: no thread hop (Django's cache API would take one)."""
 
+import asyncio
 import functools
 import threading
+import time
+import weakref
 
 import redis
 import redis.asyncio as aredis
@@ -19,6 +25,7 @@ def utterance_key(conversation_id: str, utterance_id: str) -> str:
 class MemoryAudioStore:
     def __init__(self) -> None:
         self._buffers: dict[str, bytearray] = {}
+        self._flags: dict[str, float] = {}  # key -> monotonic expiry
         self._lock = threading.Lock()
 
     async def append(self, key: str, data: bytes) -> int:
@@ -38,20 +45,47 @@ class MemoryAudioStore:
     async def adelete(self, key: str) -> None:
         self.delete(key)
 
+    def flag_add(self, key: str, ttl: int) -> bool:
+        """Raise the flag unless it is up already; True if this call raised it."""
+        with self._lock:
+            now = time.monotonic()
+            if self._flags.get(key, 0) > now:
+                return False
+            self._flags[key] = now + ttl
+            return True
+
+    def flag_set(self, key: str, ttl: int) -> None:
+        with self._lock:
+            self._flags[key] = time.monotonic() + ttl
+
+    def flag_get(self, key: str) -> bool:
+        with self._lock:
+            return self._flags.get(key, 0) > time.monotonic()
+
+    async def aflag_add(self, key: str, ttl: int) -> bool:
+        return self.flag_add(key, ttl)
+
+    async def aflag_set(self, key: str, ttl: int) -> None:
+        self.flag_set(key, ttl)
+
+    async def aflag_get(self, key: str) -> bool:
+        return self.flag_get(key)
+
 
 class RedisAudioStore:
     def __init__(self, url: str) -> None:
         self._url = url
         self._sync = redis.Redis.from_url(url)
-        self._async: dict[int, aredis.Redis] = {}
+        # An async client belongs to the event loop it was made on: one per loop,
+        # forgotten with the loop (keyed by the loop itself, not its reusable id).
+        self._async: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def _client(self) -> aredis.Redis:
-        import asyncio
-
-        loop_id = id(asyncio.get_running_loop())
-        if loop_id not in self._async:
-            self._async[loop_id] = aredis.Redis.from_url(self._url)
-        return self._async[loop_id]
+        loop = asyncio.get_running_loop()
+        client = self._async.get(loop)
+        if client is None:
+            client = self._async[loop] = aredis.Redis.from_url(self._url)
+        return client
 
     async def append(self, key: str, data: bytes) -> int:
         async with self._client().pipeline(transaction=False) as pipe:
@@ -69,6 +103,18 @@ class RedisAudioStore:
 
     async def adelete(self, key: str) -> None:
         await self._client().delete(key)
+
+    def flag_get(self, key: str) -> bool:
+        return bool(self._sync.exists(key))
+
+    async def aflag_add(self, key: str, ttl: int) -> bool:
+        return bool(await self._client().set(key, 1, ex=ttl, nx=True))
+
+    async def aflag_set(self, key: str, ttl: int) -> None:
+        await self._client().set(key, 1, ex=ttl)
+
+    async def aflag_get(self, key: str) -> bool:
+        return bool(await self._client().exists(key))
 
 
 @functools.cache

@@ -9,7 +9,6 @@ from uuid import UUID
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.core.cache import cache
 
 from apps.conversations.models import Conversation, Message, TranscriptSegment
 from apps.conversations.selectors import history_for_reply
@@ -37,7 +36,7 @@ def _final_requested_key(utterance_id: str) -> str:
 
 async def utterance_mark_ended(*, utterance_id: str) -> None:
     """Partials still queued for this utterance are stale now: workers skip them."""
-    await cache.aset(_final_requested_key(utterance_id), 1, 300)
+    await audio_store().aflag_set(_final_requested_key(utterance_id), 300)
 
 
 # --- Speech-to-text (worker) ---------------------------------------------------
@@ -59,7 +58,7 @@ def transcribe_window(
       stores it as the final if the pause turns into the end of the utterance;
     - "final": stored, then pushed. Safe to run twice."""
     key = utterance_key(conversation_id, utterance_id)
-    if purpose == "partial" and cache.get(_final_requested_key(utterance_id)):
+    if purpose == "partial" and audio_store().flag_get(_final_requested_key(utterance_id)):
         return  # the final is on its way; a partial now would only delay it
     if (
         purpose == "final"
@@ -163,7 +162,7 @@ def synthesize_sentence(
     (barge-in) is skipped; a failure pushes empty audio so later sentences
     still play in order."""
     sample_rate, pcm, failed, engine = 16_000, b"", "", tts_kind or settings.TTS_KIND
-    if not cache.get(_cancel_key(reply_id)):
+    if not audio_store().flag_get(_cancel_key(reply_id)):
         try:
             speech = tts_get(engine).synthesize(text, voice=voice)
             sample_rate, pcm = speech.sample_rate, speech.pcm
@@ -192,11 +191,13 @@ def synthesize_sentence(
 
 async def reply_claim(*, user_message_id) -> bool:
     """One reply per user turn, whichever socket of the conversation asks first."""
-    return await cache.aadd(f"reply-for:{user_message_id}", 1, 3600)
+    return await audio_store().aflag_add(f"reply-for:{user_message_id}", 3600)
 
 
-def reply_cancel_audio(*, reply_id: str) -> None:
-    cache.set(_cancel_key(reply_id), 1, 300)
+async def reply_cancel(*, reply_id: str) -> None:
+    """Stop a reply wherever it runs: its pending sentences are not spoken,
+    and its token stream (on any web process) stops at its next check."""
+    await audio_store().aflag_set(_cancel_key(reply_id), 300)
 
 
 # --- Reply (web process, async) ------------------------------------------------------
@@ -295,7 +296,7 @@ async def reply_run(
             if time.monotonic() - checked_at > CANCEL_CHECK_S:
                 # Stopped from a socket that does not own this task (it reconnected)?
                 checked_at = time.monotonic()
-                if await cache.aget(_cancel_key(reply_id)):
+                if await audio_store().aflag_get(_cancel_key(reply_id)):
                     raise asyncio.CancelledError
             if state.first_token_at is None:
                 state.first_token_at = time.time()

@@ -23,7 +23,7 @@ from apps.conversations.services import (
     replay_events,
     text_message_add,
 )
-from apps.pipeline.services import ReplyState, reply_cancel_audio, reply_claim, reply_run
+from apps.pipeline.services import ReplyState, reply_cancel, reply_claim, reply_run
 from apps.pipeline.vad import BYTES_PER_MS
 
 from .events import PROTOCOL_VERSION, event, group_name
@@ -262,7 +262,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                     audio_only=True,
                 )
             )
-        await database_sync_to_async(reply_cancel_audio)(reply_id=state.reply_id)
+        await reply_cancel(reply_id=state.reply_id)
 
     async def interrupt_elsewhere(self) -> None:
         reply_id = self.last_reply_id
@@ -270,7 +270,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         if reply_id and not own and reply_id not in self.cancelled_replies:
             self.cancelled_replies.add(reply_id)
             self.audio_waiting.pop(reply_id, None)
-            await database_sync_to_async(reply_cancel_audio)(reply_id=reply_id)
+            await reply_cancel(reply_id=reply_id)
         await self.channel_layer.group_send(
             group_name(self.conversation.id), {"type": "reply.cancel", "sender": self.channel_name}
         )
