@@ -20,16 +20,38 @@ SERVICES_ENV := DATABASE_URL=postgres://postgres@127.0.0.1:$(PGBOUNCER_PORT)/par
 	DATABASE_TEST_NAME=$(TEST_DATABASE) \
 	REDIS_URL=redis://127.0.0.1:6379/0 \
 	PARLEY_TEST_MODE=services
+PYTEST := $(VENV)/bin/pytest
 PYTEST_ARGS ?=
+# `make test` runs `make lint` first; TEST_LINT= skips it.
+TEST_LINT ?= yes
+# `make bench` runs each benchmark named in BENCH as `$(PY) -m benchmarks.<name>`, one after
+# the other, with BENCH_ARGS given to each: make bench BENCH="density stt" BENCH_ARGS=...
+BENCH ?= density
+BENCH_ARGS ?=
 
-.PHONY: help venv system-deps services run test test-embedded test-services lint bench-voice clean
+# Settings that must not leak from the shell into a test run: an LLM endpoint or key,
+# other engines, a broker, cache, layer or store URL, production mode. Each run starts
+# from the embedded defaults plus its own mode's variables (tests/test_makefile.py).
+# config/settings.py reads NAME_FILE before NAME, so both go.
+TEST_UNSET_VARS := DJANGO_ENV DATABASE_URL REDIS_URL \
+	CACHE_URL CHANNEL_LAYER_URL CELERY_BROKER_URL AUDIO_STORE_URL CELERY_RESULT_BACKEND \
+	LLM_KIND LLM_BASE_URL LLM_API_KEY LLM_MODEL LLM_TIMEOUT_S LLM_MAX_RETRIES LLM_DEADLINE_S \
+	LLM_HISTORY_TOKENS OPENAI_API_KEY OPENAI_BASE_URL OPENAI_STT_MODEL OPENAI_TTS_MODEL \
+	STT_KIND STT_MODEL STT_DEVICE STT_COMPUTE_TYPE TTS_KIND
+TEST_CLEAN_ENV := env $(foreach name,$(TEST_UNSET_VARS),-u $(name) -u $(name)_FILE) -u PARLEY_TEST_MODE
+EMBEDDED_RUN := $(TEST_CLEAN_ENV) $(PYTEST)
+SERVICES_RUN := $(TEST_CLEAN_ENV) $(SERVICES_ENV) $(PYTEST)
+
+.PHONY: help venv system-deps services run test test-embedded test-services lint bench bench-voice screenshots clean
 
 help:
 	@echo "make run          serve Parley at http://127.0.0.1:8000 (embedded defaults; reads .env)"
 	@echo "make test         the whole suite twice: embedded defaults, then Postgres+PgBouncer+Redis+Celery"
-	@echo "make lint         ruff"
+	@echo "make lint         ruff and mypy (make test runs it first)"
 	@echo "make services     start Postgres, Redis and PgBouncer (127.0.0.1:6432)"
+	@echo "make bench        the benchmarks named in BENCH (default: density, sessions per web process)"
 	@echo "make bench-voice  voice pipeline latency benchmark"
+	@echo "make screenshots  copy the browser tests' screenshots (reports/screenshots/) to docs/screenshots/"
 	@echo "make clean        remove generated files (keeps .venv)"
 
 venv: $(STAMP)
@@ -64,32 +86,54 @@ run: venv
 	$(PY) manage.py seed_demo | tee var/seed-demo.log; \
 	exec bash scripts/run.sh
 
-# Both modes run even when the first fails; the target fails if either did.
+# Lint (unless TEST_LINT is empty), then both modes; each step runs even when one
+# before it failed, and the target fails if any did.
 test: venv system-deps services
 	@mkdir -p var
 	@status=0; \
+	if [ -n "$(TEST_LINT)" ]; then $(MAKE) --no-print-directory lint || status=1; fi; \
 	echo "=== embedded defaults: SQLite, in-memory layers, in-process workers ==="; \
-	env -u DATABASE_URL -u REDIS_URL -u PARLEY_TEST_MODE $(VENV)/bin/pytest $(PYTEST_ARGS) || status=1; \
+	$(EMBEDDED_RUN) $(PYTEST_ARGS) || status=1; \
 	echo "=== services: Postgres via PgBouncer, Redis, real Celery worker ==="; \
-	env $(SERVICES_ENV) $(VENV)/bin/pytest $(PYTEST_ARGS) || status=1; \
+	$(SERVICES_RUN) $(PYTEST_ARGS) || status=1; \
 	exit $$status
 
 test-embedded: venv
 	@mkdir -p var
-	env -u DATABASE_URL -u REDIS_URL -u PARLEY_TEST_MODE $(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(EMBEDDED_RUN) $(PYTEST_ARGS)
 
 test-services: venv system-deps services
 	@mkdir -p var
-	env $(SERVICES_ENV) $(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(SERVICES_RUN) $(PYTEST_ARGS)
 
+# Each check runs even when one before it failed; the target fails if any did.
+# mypy loads config.settings (django-stubs), so it too starts from the embedded defaults.
 lint: venv
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	@status=0; \
+	$(VENV)/bin/ruff check . || status=1; \
+	$(VENV)/bin/ruff format --check . || status=1; \
+	$(TEST_CLEAN_ENV) $(VENV)/bin/mypy || status=1; \
+	exit $$status
+
+bench: venv
+	@for name in $(BENCH); do \
+		echo "=== make bench: $(PY) -m benchmarks.$$name $(BENCH_ARGS) ==="; \
+		$(PY) -m benchmarks.$$name $(BENCH_ARGS) || exit 1; \
+	done
 
 bench-voice: venv
 	$(PY) -m benchmarks.voice
 
+# The browser tests write their screenshots to reports/screenshots/ (not tracked);
+# this copies them over the README's tracked ones.
+screenshots:
+	@ls reports/screenshots/*.png >/dev/null 2>&1 || { \
+		echo "screenshots: none in reports/screenshots/; run the browser tests first" \
+			"(make test, or $(PYTEST) apps/conversations/tests/test_browser.py)" >&2; exit 1; }
+	@mkdir -p docs/screenshots
+	cp reports/screenshots/*.png docs/screenshots/
+
 clean:
 	-bash scripts/services.sh down
-	rm -rf var staticfiles .pytest_cache .ruff_cache
+	rm -rf var reports staticfiles .pytest_cache .ruff_cache .mypy_cache
 	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -132,7 +132,10 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if not report.failed:
         return
-    for name in ("live_daphne", "live_worker"):
-        server = getattr(item, "funcargs", {}).get(name)
-        if server is not None:
-            report.sections.append((f"{name} log tail ({server.log_path})", server.log_tail()))
+    for name, value in getattr(item, "funcargs", {}).items():
+        # live_daphne, live_worker, and any other fixture that is (or holds, as
+        # .worker) a live server process
+        for server in (value, getattr(value, "worker", None)):
+            if isinstance(server, live.LiveProcess):
+                what = name if server is value else f"{name}.worker"
+                report.sections.append((f"{what} log tail ({server.log_path})", server.log_tail()))

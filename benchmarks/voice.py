@@ -28,31 +28,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import stack  # noqa: E402
+
 SILENCE = bytes(32_000 * 2)  # 2 s after each clip, so the endpointer closes it
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def _prepare_database(mode: str) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", DJANGO_SETTINGS_MODULE="config.settings")
     if mode == "services":
-        subprocess.run(
-            ["bash", "scripts/services.sh", "up"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL
-        )
-        for sql in (
-            "DROP DATABASE IF EXISTS parley_bench WITH (FORCE)",
-            "CREATE DATABASE parley_bench",
-        ):
-            psql = ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc", sql]
-            subprocess.run(psql, check=True)
+        stack.services_up()
+        stack.database_recreate(stack.BENCH_DATABASE)
         env.update(
-            DATABASE_URL="postgres://postgres@127.0.0.1:6432/parley_bench",
+            DATABASE_URL=stack.database_url(stack.BENCH_DATABASE),
             REDIS_URL="redis://127.0.0.1:6379/0",
         )
         for number, name in enumerate(
@@ -73,7 +60,7 @@ def _prepare_database(mode: str) -> dict:
         path = ROOT / "var" / "bench.sqlite3"
         path.unlink(missing_ok=True)
         env["SQLITE_PATH"] = str(path)
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
+    stack.migrate(env)
     return env
 
 
@@ -214,8 +201,8 @@ def main() -> None:
             turns = [turn for run in runs for turn in run]
             results[speakers] = {
                 name: {
-                    "p50": _percentile(values, 0.5),
-                    "p95": _percentile(values, 0.95),
+                    "p50": stack.percentile(values, 0.5),
+                    "p95": stack.percentile(values, 0.95),
                     "n": len(values),
                 }
                 for name in turns[0]

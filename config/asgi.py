@@ -15,6 +15,11 @@ from django.conf import settings  # noqa: E402
 
 from apps.realtime.routing import websocket_urlpatterns  # noqa: E402
 
+if settings.LOOP_GUARD_MS:
+    from apps.observability.loopguard import install
+
+    install(settings.LOOP_GUARD_MS)
+
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,

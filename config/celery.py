@@ -23,6 +23,15 @@ app.autodiscover_tasks()
 
 
 @worker_process_init.connect
+def start_publisher(**_kwargs) -> None:
+    """One long-lived event loop per worker process publishes every event
+    (apps.realtime.broadcast), on one channel-layer connection."""
+    from apps.realtime.broadcast import publisher_start
+
+    publisher_start()
+
+
+@worker_process_init.connect
 def preload_engines(**_kwargs) -> None:
     """Load the STT model / TTS engine in each worker process before its first
     task, for the queues this worker consumes (-Q). WORKER_PRELOAD=0 turns it

@@ -216,6 +216,11 @@ CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND") or (
     redis_db(REDIS_URL, 5) if REDIS_URL else None
 )
 CELERY_RESULT_EXPIRES = 3600
+# Every task is fire-and-forget (results come back through the channel layer):
+# no result is stored, and publishing never subscribes to the result backend.
+CELERY_TASK_IGNORE_RESULT = True
+# Tasks wait here for the process's publisher thread (apps.pipeline.dispatch).
+ENQUEUE_BUFFER = env_int("ENQUEUE_BUFFER", 10_000)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 IN_PROCESS_WORKERS = env_int("IN_PROCESS_WORKERS", 2)
@@ -227,6 +232,7 @@ STT_DEVICE = env_str("STT_DEVICE", "cpu")
 STT_COMPUTE_TYPE = env_str("STT_COMPUTE_TYPE", "int8")
 STT_CPU_THREADS = env_int("STT_CPU_THREADS", 2)
 STT_PARTIAL_EVERY_MS = env_int("STT_PARTIAL_EVERY_MS", 700)
+STT_PARTIAL_EXPIRES_S = env_float("STT_PARTIAL_EXPIRES_S", 3.0)  # a queued draft goes stale
 VAD_END_SILENCE_MS = env_int("VAD_END_SILENCE_MS", 500)
 # At this much silence the likely final is transcribed ahead of time (a
 # "candidate"); if the silence lasts to VAD_END_SILENCE_MS it becomes the final.
@@ -249,12 +255,26 @@ OPENAI_STT_MODEL = env_str("OPENAI_STT_MODEL", "gpt-4o-mini-transcribe")
 OPENAI_TTS_MODEL = env_str("OPENAI_TTS_MODEL", "gpt-4o-mini-tts")
 OPENAI_BASE_URL = env_str("OPENAI_BASE_URL") or LLM_BASE_URL
 
+# Live state (apps/realtime/live.py): open utterances' audio is written to the
+# audio store in one batch per process every AUDIO_FLUSH_MS (and at once when
+# an STT job needs it), with the owner's heartbeat every LIVE_HEARTBEAT_S.
+AUDIO_FLUSH_MS = env_int("AUDIO_FLUSH_MS", 100)
+LIVE_HEARTBEAT_S = env_float("LIVE_HEARTBEAT_S", 2.0)
+# One bounded async Redis pool per process: a burst waits for a connection.
+REDIS_POOL_MAX = env_int("REDIS_POOL_MAX", 32)
+REDIS_POOL_TIMEOUT_S = env_float("REDIS_POOL_TIMEOUT_S", 2.0)
+QUOTA_REFRESH_S = env_float("QUOTA_REFRESH_S", 30.0)  # a socket re-reads the user's quota
+# Report event-loop callbacks that block for longer than this (0: off); see
+# apps/observability/loopguard.py. The tests turn it on in every live server.
+LOOP_GUARD_MS = env_int("LOOP_GUARD_MS", 0)
+
 # Socket limits (see docs/protocol.md)
 AUDIO_FRAME_MAX_BYTES = 3200  # 100 ms of PCM16 16 kHz mono
 AUDIO_RATE_BURST_S = env_float("AUDIO_RATE_BURST_S", 5.0)  # a network stall, caught up
 AUDIO_RATE_FACTOR = env_float("AUDIO_RATE_FACTOR", 1.5)  # x real time, sustained
 WS_TEXT_MAX_BYTES = env_int("WS_TEXT_MAX_BYTES", 16_384)
 TEXT_MESSAGE_MAX_CHARS = env_int("TEXT_MESSAGE_MAX_CHARS", 4000)
+WS_HELD_EVENTS_MAX = env_int("WS_HELD_EVENTS_MAX", 500)  # group events held until hello
 
 # Default quotas for new users (0 means unlimited)
 QUOTA_AUDIO_SECONDS = env_int("QUOTA_AUDIO_SECONDS", 3600)

@@ -137,7 +137,7 @@ def log_tail(path: Path, lines: int = 60) -> str:
 
 
 @dataclass
-class _Process:
+class LiveProcess:
     process: subprocess.Popen
     log_path: Path
     log_file: IO[bytes] = field(repr=False)
@@ -159,11 +159,19 @@ class _Process:
     def log_tail(self, lines: int = 60) -> str:
         return log_tail(self.log_path, lines)
 
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size
 
-def _spawn(command: list[str], env: dict, log_name: str) -> _Process:
+    def log_since(self, offset: int) -> str:
+        with open(self.log_path, "rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+
+
+def _spawn(command: list[str], env: dict, log_name: str) -> LiveProcess:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log_path = LOG_DIR / log_name
-    log_file = open(log_path, "wb")  # closed by _Process.stop
+    log_file = open(log_path, "wb")  # closed by LiveProcess.stop
     process = subprocess.Popen(
         command,
         cwd=ROOT,
@@ -173,10 +181,10 @@ def _spawn(command: list[str], env: dict, log_name: str) -> _Process:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    return _Process(process=process, log_path=log_path, log_file=log_file)
+    return LiveProcess(process=process, log_path=log_path, log_file=log_file)
 
 
-def _wait_until(ready: Callable[[], bool], proc: _Process, what: str, timeout_s: float) -> None:
+def _wait_until(ready: Callable[[], bool], proc: LiveProcess, what: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.process.poll() is not None:
@@ -210,7 +218,7 @@ def http_get(url: str, timeout_s: float = 10.0) -> tuple[int, dict, bytes]:
 
 
 @dataclass
-class LiveDaphne(_Process):
+class LiveDaphne(LiveProcess):
     port: int = 0
 
     @property
@@ -231,6 +239,7 @@ def start_daphne(env: dict, timeout_s: float = 90.0) -> LiveDaphne:
     """Start `daphne config.asgi:application` on a free port and wait for /healthz."""
     port = free_port()
     env = {
+        "LOOP_GUARD_MS": "10",  # report what blocks the event loop (loop-guard: lines)
         **env,
         "WEBSOCKET_ALLOWED_ORIGINS": f"http://127.0.0.1:{port},http://localhost:{port}",
     }
@@ -253,14 +262,16 @@ def start_daphne(env: dict, timeout_s: float = 90.0) -> LiveDaphne:
 
 
 @dataclass
-class LiveWorker(_Process):
+class LiveWorker(LiveProcess):
     nodename: str = ""
 
 
 def start_worker(env: dict, timeout_s: float = 90.0, concurrency: int = 2) -> LiveWorker:
-    """Start a prefork Celery worker on all queues and wait until it answers a ping."""
+    """Start a prefork Celery worker on all queues and wait until it answers a ping
+    (through the broker `env` names in CELERY_BROKER_URL, if it names another one)."""
     from config.celery import app
 
+    broker_url = env.get("CELERY_BROKER_URL") or None
     nodename = f"parley-test-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
     command = _command(
         "celery", "-A", "config", "worker", "-Q", QUEUES, "-c", str(concurrency),
@@ -273,7 +284,10 @@ def start_worker(env: dict, timeout_s: float = 90.0, concurrency: int = 2) -> Li
 
     def answers() -> bool:
         try:
-            return bool(app.control.ping(destination=[nodename], timeout=1.0))
+            with app.connection_for_write(broker_url) as connection:
+                return bool(
+                    app.control.ping(destination=[nodename], timeout=1.0, connection=connection)
+                )
         except Exception:  # the broker may refuse while starting
             return False
 

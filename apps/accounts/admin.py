@@ -18,7 +18,7 @@ class UserAdmin(BaseUserAdmin):
     )
     list_filter = (*BaseUserAdmin.list_filter, "date_joined")
     fieldsets = (
-        *BaseUserAdmin.fieldsets,
+        *(BaseUserAdmin.fieldsets or ()),  # typed Optional on ModelAdmin; UserAdmin sets it
         (
             "Usage and quotas",
             {

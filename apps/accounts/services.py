@@ -28,4 +28,6 @@ def session_key_create(*, user: User) -> str:
     store[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
     store[HASH_SESSION_KEY] = user.get_session_auth_hash()
     store.save()
-    return store.session_key
+    session_key = store.session_key
+    assert session_key is not None  # save() assigns one
+    return session_key

@@ -9,7 +9,8 @@ from django.utils import timezone
 
 from apps.accounts.services import usage_add
 from apps.personas.models import Persona
-from apps.realtime.events import event, publish_on_commit
+from apps.realtime.broadcast import publish_on_commit
+from apps.realtime.events import event
 
 from .models import Conversation, Message, TranscriptSegment
 

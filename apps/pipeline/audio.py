@@ -3,7 +3,6 @@ reads to the 16 kHz mono PCM16 every STT engine is given, and the two file-level
 workflows behind the `transcribe` and `say` management commands."""
 
 import io
-import time
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,31 +126,3 @@ class FileTranscription:
             "rtf": round(self.rtf, 4),
             "provider": self.provider,
         }
-
-
-def file_transcribe(*, path: str | Path, kind: str = "") -> FileTranscription:
-    """Decode an audio file and transcribe it with the STT engine of `kind`, timed."""
-    from .providers import registry
-
-    pcm = decode_to_pcm16(path)
-    started = time.perf_counter()
-    engine = registry.stt_get(kind)
-    loaded = time.perf_counter()
-    transcript = engine.transcribe(pcm)
-    done = time.perf_counter()
-    return FileTranscription(
-        text=transcript.text,
-        audio_seconds=pcm16_seconds(pcm),
-        load_ms=(loaded - started) * 1000,
-        transcribe_ms=(done - loaded) * 1000,
-        provider=engine.kind,
-    )
-
-
-def text_say_to_wav(*, text: str, out: str | Path, kind: str = "", voice: str = "") -> float:
-    """Synthesise `text` with the TTS engine of `kind` into a WAV file; returns seconds."""
-    from .providers import registry
-
-    speech = registry.tts_get(kind).synthesize(text, voice=voice)
-    Path(out).write_bytes(wav_bytes(speech.pcm, speech.sample_rate))
-    return pcm16_seconds(speech.pcm, speech.sample_rate)

@@ -1,38 +1,90 @@
-"""Per-utterance audio buffers, shared by the web process (which appends
-frames) and the STT workers (which read windows by offset), and the
-short-lived flags of live conversations (a reply claimed, a reply stopped,
-an utterance ended). Redis in production, so audio crosses the network once;
-process memory otherwise. The web process uses the async methods, with
-native async Redis: no thread hop (Django's cache API would take one)."""
+"""Per-utterance audio, reply audio, live state and the short-lived flags of
+live conversations, shared by the web processes and the workers. Redis in
+production, so audio crosses the network once; process memory otherwise.
+
+The web process writes through `write_batch` (one pipeline for every open
+utterance of the process, see apps/realtime/live.py) and reads flags with the
+async methods, on native async Redis from one bounded connection pool per
+process: a burst waits for a free connection instead of failing. Workers use
+the sync methods."""
+
+from __future__ import annotations
 
 import asyncio
 import functools
 import threading
 import time
 import weakref
+from dataclasses import dataclass, field
 
 import redis
 import redis.asyncio as aredis
 from django.conf import settings
 
 TTL_SECONDS = 600
+REPLY_AUDIO_TTL_SECONDS = 120
 
 
 def utterance_key(conversation_id: str, utterance_id: str) -> str:
     return f"audio:{conversation_id}:{utterance_id}"
 
 
+def reply_audio_key(reply_id: str, index: int) -> str:
+    return f"reply-audio:{reply_id}:{index}"
+
+
+@dataclass
+class Batch:
+    """One flush of a web process: audio appended to open utterances, whole
+    buffers rewritten (after Redis lost them), live-state records set and
+    removed, and the owner's heartbeat."""
+
+    appends: list[tuple[str, bytes]] = field(default_factory=list)
+    rewrites: list[tuple[str, bytes]] = field(default_factory=list)
+    records: dict[str, dict[str, str]] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
+    flags: list[tuple[str, int]] = field(default_factory=list)  # (key, ttl)
+    owner: str = ""  # the records' owner (live:owned:<owner>)
+    owner_ttl: int = 10
+    heartbeat: bool = False  # write the owner's heartbeat
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.appends
+            or self.rewrites
+            or self.records
+            or self.removed
+            or self.flags
+            or self.heartbeat
+        )
+
+
 class MemoryAudioStore:
     def __init__(self) -> None:
         self._buffers: dict[str, bytearray] = {}
+        self._blobs: dict[str, bytes] = {}
+        self.records: dict[str, dict[str, str]] = {}
         self._flags: dict[str, float] = {}  # key -> monotonic expiry
         self._lock = threading.Lock()
 
-    async def append(self, key: str, data: bytes) -> int:
+    async def write_batch(self, batch: Batch) -> list[int]:
         with self._lock:
-            buffer = self._buffers.setdefault(key, bytearray())
-            buffer += data
-            return len(buffer)
+            lengths = []
+            for key, data in batch.appends:
+                buffer = self._buffers.setdefault(key, bytearray())
+                buffer += data
+                lengths.append(len(buffer))
+            for key, data in batch.rewrites:
+                self._buffers[key] = bytearray(data)
+            for key, record in batch.records.items():
+                self.records.setdefault(key, {}).update(record)
+            for key in batch.removed:
+                self.records.pop(key, None)
+            for key, ttl in batch.flags:
+                self._flags[key] = time.monotonic() + ttl
+            if batch.heartbeat:
+                self.records[f"live:owner:{batch.owner}"] = {"at": str(time.time())}
+            return lengths
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         with self._lock:
@@ -41,18 +93,18 @@ class MemoryAudioStore:
     def delete(self, key: str) -> None:
         with self._lock:
             self._buffers.pop(key, None)
+            self._blobs.pop(key, None)
 
     async def adelete(self, key: str) -> None:
         self.delete(key)
 
-    def flag_add(self, key: str, ttl: int) -> bool:
-        """Raise the flag unless it is up already; True if this call raised it."""
+    def put(self, key: str, data: bytes, ttl: int) -> None:
         with self._lock:
-            now = time.monotonic()
-            if self._flags.get(key, 0) > now:
-                return False
-            self._flags[key] = now + ttl
-            return True
+            self._blobs[key] = data
+
+    async def aget(self, key: str) -> bytes | None:
+        with self._lock:
+            return self._blobs.get(key)
 
     def flag_set(self, key: str, ttl: int) -> None:
         with self._lock:
@@ -63,7 +115,13 @@ class MemoryAudioStore:
             return self._flags.get(key, 0) > time.monotonic()
 
     async def aflag_add(self, key: str, ttl: int) -> bool:
-        return self.flag_add(key, ttl)
+        """Raise the flag unless it is up already; True if this call raised it."""
+        with self._lock:
+            now = time.monotonic()
+            if self._flags.get(key, 0) > now:
+                return False
+            self._flags[key] = now + ttl
+            return True
 
     async def aflag_set(self, key: str, ttl: int) -> None:
         self.flag_set(key, ttl)
@@ -75,8 +133,8 @@ class MemoryAudioStore:
 class RedisAudioStore:
     def __init__(self, url: str) -> None:
         self._url = url
-        self._sync = redis.Redis.from_url(url)
-        # An async client belongs to the event loop it was made on: one per loop,
+        self._sync = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+        # An async pool belongs to the event loop it was made on: one per loop,
         # forgotten with the loop (keyed by the loop itself, not its reusable id).
         self._async: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -84,25 +142,60 @@ class RedisAudioStore:
         loop = asyncio.get_running_loop()
         client = self._async.get(loop)
         if client is None:
-            client = self._async[loop] = aredis.Redis.from_url(self._url)
+            pool = aredis.BlockingConnectionPool.from_url(
+                self._url,
+                max_connections=settings.REDIS_POOL_MAX,
+                timeout=settings.REDIS_POOL_TIMEOUT_S,
+                socket_timeout=2,
+                socket_connect_timeout=2,
+            )
+            client = self._async[loop] = aredis.Redis(connection_pool=pool)
         return client
 
-    async def append(self, key: str, data: bytes) -> int:
+    async def write_batch(self, batch: Batch) -> list[int]:
         async with self._client().pipeline(transaction=False) as pipe:
-            pipe.append(key, data)
-            pipe.expire(key, TTL_SECONDS)
-            length, _ = await pipe.execute()
-        return length
+            for key, data in batch.appends:
+                pipe.append(key, data)
+                pipe.expire(key, TTL_SECONDS)
+            for key, data in batch.rewrites:
+                pipe.set(key, data, ex=TTL_SECONDS)
+            for key, record in batch.records.items():
+                pipe.hset(key, mapping=dict(record))  # type: ignore[arg-type]
+                pipe.expire(key, TTL_SECONDS)
+            owned = f"live:owned:{batch.owner}"
+            if batch.records:
+                pipe.sadd(owned, *batch.records)
+            if batch.removed:
+                pipe.delete(*batch.removed)
+                pipe.srem(owned, *batch.removed)
+            for key, ttl in batch.flags:
+                pipe.set(key, 1, ex=ttl)
+            if batch.heartbeat:
+                pipe.set(f"live:owner:{batch.owner}", time.time(), ex=batch.owner_ttl)
+                pipe.sadd("live:owners", batch.owner)
+            results = await pipe.execute()
+        return results[: 2 * len(batch.appends) : 2]
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         # GETRANGE's end is inclusive; -1 is the last byte.
-        return self._sync.getrange(key, start, -1 if end is None else end - 1)
+        data = self._sync.getrange(key, start, -1 if end is None else end - 1)
+        return data if isinstance(data, bytes) else data.encode()  # no decode_responses
 
     def delete(self, key: str) -> None:
         self._sync.delete(key)
 
     async def adelete(self, key: str) -> None:
         await self._client().delete(key)
+
+    def put(self, key: str, data: bytes, ttl: int) -> None:
+        self._sync.set(key, data, ex=ttl)
+
+    async def aget(self, key: str) -> bytes | None:
+        data = await self._client().get(key)
+        return data if data is None or isinstance(data, bytes) else data.encode()
+
+    def flag_set(self, key: str, ttl: int) -> None:
+        self._sync.set(key, 1, ex=ttl)
 
     def flag_get(self, key: str) -> bool:
         return bool(self._sync.exists(key))

@@ -1,40 +1,105 @@
-"""Send a Celery task to its queue, or, with no broker configured (embedded
-defaults), run it on an in-process worker thread of that queue. Either way the
-caller gets on at once; results come back through the channel layer."""
+"""Send a Celery task to its queue without blocking the caller, or, with no
+broker configured (embedded defaults), run it on an in-process worker thread
+of that queue. Either way the caller gets on at once; results come back
+through the channel layer.
+
+With a broker, `enqueue` puts the task on an in-process queue that one
+publisher thread per process drains into the broker (kombu's producer is
+synchronous: on the event loop every publish would block it). A publish that
+still fails after kombu's bounded retries is reported to the caller's
+`on_error`, called on the caller's event loop, so the socket can tell its
+client. Tasks ignore results: nothing subscribes to a result backend."""
+
+from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from queue import Full, Queue
+from typing import Any
 
 from django.conf import settings
 from django.db import close_old_connections
 
 log = logging.getLogger(__name__)
 
+OnError = Callable[[Exception], None]
+RETRY_POLICY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.3, "interval_max": 1}
+
+
+@dataclass(frozen=True)
+class _Job:
+    task: Any
+    queue: str
+    kwargs: dict
+    expires: float | None
+    on_error: OnError | None
+    loop: asyncio.AbstractEventLoop | None
+
+
+class _Publisher:
+    """One thread per process that publishes queued jobs to the broker."""
+
+    def __init__(self) -> None:
+        self.jobs: Queue[_Job] = Queue(maxsize=settings.ENQUEUE_BUFFER)
+        self.pid = os.getpid()
+        threading.Thread(target=self.run, name="celery-publisher", daemon=True).start()
+
+    def run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                job.task.apply_async(
+                    kwargs=job.kwargs,
+                    queue=job.queue,
+                    expires=job.expires,
+                    ignore_result=True,
+                    retry=True,
+                    retry_policy=RETRY_POLICY,
+                )
+            except Exception as exc:  # the broker is down: tell the caller
+                log.warning("could not enqueue %s on %s: %s", job.task.name, job.queue, exc)
+                _report(job.on_error, job.loop, exc)
+
+
+def _report(on_error: OnError | None, loop: asyncio.AbstractEventLoop | None, exc: Exception):
+    if on_error is None:
+        return
+    if loop is not None and loop.is_running():
+        loop.call_soon_threadsafe(on_error, exc)
+    elif loop is None:
+        on_error(exc)
+
+
+_publisher: _Publisher | None = None
 _executors: dict[str, ThreadPoolExecutor] = {}
-_executors_lock = threading.Lock()
-_local = threading.local()
+_lock = threading.Lock()
 
 
-def home_loop() -> asyncio.AbstractEventLoop | None:
-    """The web process's event loop, when this thread is an in-process worker."""
-    return getattr(_local, "loop", None)
+def _publisher_get() -> _Publisher:
+    global _publisher
+    with _lock:
+        if _publisher is None or _publisher.pid != os.getpid():
+            _publisher = _Publisher()
+        return _publisher
 
 
-def _executor(queue: str) -> ThreadPoolExecutor:
-    with _executors_lock:
-        if queue not in _executors:
-            _executors[queue] = ThreadPoolExecutor(
-                settings.IN_PROCESS_WORKERS, thread_name_prefix=f"worker-{queue}"
+def _executor(queue_name: str) -> ThreadPoolExecutor:
+    with _lock:
+        if queue_name not in _executors:
+            _executors[queue_name] = ThreadPoolExecutor(
+                settings.IN_PROCESS_WORKERS, thread_name_prefix=f"worker-{queue_name}"
             )
-        return _executors[queue]
+        return _executors[queue_name]
 
 
-def _run_in_thread(task, loop, kwargs):
-    _local.loop = loop
+def _run_in_thread(task, kwargs: dict) -> None:
     try:
-        return task.run(**kwargs)
+        task.run(**kwargs)
     except Exception:
         log.exception("in-process task %s failed", task.name)
         raise
@@ -47,14 +112,29 @@ def queue_of(task) -> str:
     return route.get("queue", settings.CELERY_TASK_DEFAULT_QUEUE)
 
 
-def enqueue(task, *, queue: str = "", **kwargs) -> Future | object:
-    """Run `task(**kwargs)` on a worker of its queue (or `queue`). Task
-    arguments are ids, offsets and short strings, never audio."""
-    queue = queue or queue_of(task)
-    if settings.CELERY_BROKER_URL:
-        return task.apply_async(kwargs=kwargs, queue=queue)
+def enqueue(
+    task,
+    *,
+    queue: str = "",
+    expires: float | None = None,
+    on_error: OnError | None = None,
+    **kwargs,
+) -> None:
+    """Run `task(**kwargs)` on a worker of its queue (or `queue`); never blocks.
+    Task arguments are ids, offsets and short strings, never audio. `expires`
+    (seconds) drops a job that waited too long (a stale draft)."""
+    queue_name = queue or queue_of(task)
     try:
-        loop = asyncio.get_running_loop()
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:
         loop = None
-    return _executor(queue).submit(_run_in_thread, task, loop, kwargs)
+    if not settings.CELERY_BROKER_URL:
+        _executor(queue_name).submit(_run_in_thread, task, kwargs)
+        return
+    job = _Job(task, queue_name, kwargs, expires, on_error, loop)
+    try:
+        _publisher_get().jobs.put_nowait(job)
+    except Full:
+        log.warning("enqueue buffer full: %s dropped", task.name)
+        if on_error is not None:  # we are on the caller's thread: tell it now
+            on_error(RuntimeError("the task queue is not taking work"))

@@ -13,77 +13,63 @@ from django.conf import settings
 from apps.conversations.models import Conversation, Message, TranscriptSegment
 from apps.conversations.selectors import history_for_reply
 from apps.conversations.services import reply_begin, reply_finish, transcript_finalize
-from apps.realtime.events import apublish, event, publish
+from apps.realtime.broadcast import apublish, publish
+from apps.realtime.events import event
 
-from .audio_store import audio_store, utterance_key
+from .audio_store import REPLY_AUDIO_TTL_SECONDS, audio_store, reply_audio_key, utterance_key
 from .dispatch import enqueue
 from .providers.base import ChatMessage, ProviderError, ReplyRequest, ReplyUsage, Transcript
 from .providers.registry import llm_get, stt_get, tts_get
 from .sentences import SentenceSplitter
+from .tasks import synthesize_sentence_task
+from .values import CandidateTranscript, PersonaEngines, SentenceToSpeak, UtteranceWindow
 
 log = logging.getLogger(__name__)
 BYTES_PER_MS = 32
-CANCEL_CHECK_S = 0.15  # how often a streaming reply looks for a stop from another socket
 
 
-def _cancel_key(reply_id: str) -> str:
+def _skip_audio_key(reply_id: str) -> str:
     return f"tts-cancel:{reply_id}"
 
 
-def _final_requested_key(utterance_id: str) -> str:
+def final_requested_key(utterance_id: str) -> str:
+    """Raised when an utterance ends: its queued drafts are stale, workers skip them."""
     return f"stt-final:{utterance_id}"
-
-
-async def utterance_mark_ended(*, utterance_id: str) -> None:
-    """Partials still queued for this utterance are stale now: workers skip them."""
-    await audio_store().aflag_set(_final_requested_key(utterance_id), 300)
 
 
 # --- Speech-to-text (worker) ---------------------------------------------------
 
 
-def transcribe_window(
-    *,
-    conversation_id: str,
-    utterance_id: str,
-    end_byte: int,
-    purpose: str,
-    stt_kind: str = "",
-    start_ms: int = 0,
-    speech_end_at: float | None = None,
-) -> None:
-    """Transcribe an utterance's audio up to `end_byte`, for one of three purposes:
+def transcribe_window(*, window: UtteranceWindow) -> None:
+    """Transcribe an utterance's audio up to `window.end_byte`, for one of three purposes:
     - "partial": a draft while the user speaks, pushed to the speaking socket;
     - "candidate": at a pause, the likely final, handed to the socket, which
       stores it as the final if the pause turns into the end of the utterance;
     - "final": stored, then pushed. Safe to run twice."""
+    conversation_id, utterance_id = window.conversation_id, window.utterance_id
     key = utterance_key(conversation_id, utterance_id)
-    if purpose == "partial" and audio_store().flag_get(_final_requested_key(utterance_id)):
+    if window.purpose == "partial" and audio_store().flag_get(final_requested_key(utterance_id)):
         return  # the final is on its way; a partial now would only delay it
     if (
-        purpose == "final"
+        window.purpose == "final"
         and TranscriptSegment.objects.filter(
             conversation_id=conversation_id, utterance_id=utterance_id
         ).exists()
     ):
         return
-    pcm = audio_store().read(key, 0, end_byte)
-    provider = stt_kind or settings.STT_KIND
+    pcm = audio_store().read(key, 0, window.end_byte)
+    provider = window.stt_kind or settings.STT_KIND
     result = _transcribe(conversation_id, provider, pcm)
-    if purpose == "partial":
-        publish(
-            conversation_id,
-            event(
-                "transcript.partial", utterance_id=utterance_id, text=result.text if result else ""
-            ),
-        )
-    elif purpose == "candidate":
+    if window.purpose == "partial":
+        text = result.text if result else ""
+        publish(conversation_id, event("transcript.partial", utterance_id=utterance_id, text=text))
+    elif window.purpose == "candidate":
         publish(
             conversation_id,
             event(
                 "transcript.candidate",
                 utterance_id=utterance_id,
-                end_byte=end_byte,
+                end_byte=window.end_byte,
                 text=result.text if result else "",
                 confidence=result.confidence if result else None,
                 provider=provider,
@@ -92,13 +78,13 @@ def transcribe_window(
         )
     else:
         transcript_finalize(
-            conversation_id=conversation_id,
+            conversation_id=UUID(conversation_id),
             utterance_id=utterance_id,
             text=result.text if result else "",
             confidence=result.confidence if result else None,
-            start_ms=start_ms,
-            end_ms=start_ms + len(pcm) // BYTES_PER_MS,
-            speech_end_at=speech_end_at,
+            start_ms=window.start_ms,
+            end_ms=window.start_ms + len(pcm) // BYTES_PER_MS,
+            speech_end_at=window.speech_end_at,
             provider=provider,
         )
         audio_store().delete(key)
@@ -126,45 +112,42 @@ async def utterance_finalize_from_candidate(
     *,
     conversation_id,
     utterance_id: str,
-    candidate: dict,
+    candidate: CandidateTranscript,
     start_ms: int,
     end_ms: int,
     speech_end_at: float,
-) -> None:
+) -> str | None:
     """The pause's transcript was the utterance's end: store it as the final
-    (no second model run), and free the audio."""
-    await database_sync_to_async(transcript_finalize)(
+    (no second model run), and free the audio. The stored message's id, or
+    None when there was nothing to store (no speech)."""
+    message = await database_sync_to_async(transcript_finalize)(
         conversation_id=conversation_id,
         utterance_id=utterance_id,
-        text=candidate["text"],
-        confidence=candidate["confidence"],
+        text=candidate.text,
+        confidence=candidate.confidence,
         start_ms=start_ms,
         end_ms=end_ms,
         speech_end_at=speech_end_at,
-        provider=candidate["provider"],
+        provider=candidate.provider,
     )
     await audio_store().adelete(utterance_key(str(conversation_id), utterance_id))
+    return None if message is None else str(message.id)
 
 
 # --- Text-to-speech (worker) -----------------------------------------------------
 
 
-def synthesize_sentence(
-    *,
-    conversation_id: str,
-    reply_id: str,
-    index: int,
-    text: str,
-    tts_kind: str = "",
-    voice: str = "",
-) -> None:
-    """Speak one sentence of a reply and push its audio. A cancelled reply
-    (barge-in) is skipped; a failure pushes empty audio so later sentences
-    still play in order."""
-    sample_rate, pcm, failed, engine = 16_000, b"", "", tts_kind or settings.TTS_KIND
-    if not audio_store().flag_get(_cancel_key(reply_id)):
+def synthesize_sentence(*, sentence: SentenceToSpeak) -> None:
+    """Speak one sentence of a reply; its audio goes to the audio store and a
+    small `reply.audio` event to the sockets, which fetch it. A stopped reply
+    is skipped; a failure pushes empty audio so later sentences still play in
+    order."""
+    conversation_id, reply_id = sentence.conversation_id, sentence.reply_id
+    sample_rate, pcm, failed = 16_000, b"", ""
+    engine = sentence.tts_kind or settings.TTS_KIND
+    if not audio_store().flag_get(_skip_audio_key(reply_id)):
         try:
-            speech = tts_get(engine).synthesize(text, voice=voice)
+            speech = tts_get(engine).synthesize(sentence.text, voice=sentence.voice)
             sample_rate, pcm = speech.sample_rate, speech.pcm
         except ProviderError as exc:
             failed = exc.code
@@ -175,14 +158,18 @@ def synthesize_sentence(
             publish(
                 conversation_id, event("error", code=failed, message="Speech synthesis failed.")
             )
+    key = reply_audio_key(reply_id, sentence.index)
+    if pcm:
+        audio_store().put(key, pcm, REPLY_AUDIO_TTL_SECONDS)
     publish(
         conversation_id,
         event(
             "reply.audio",
             reply_id=reply_id,
-            index=index,
+            index=sentence.index,
             sample_rate=sample_rate,
-            pcm=pcm,
+            audio_key=key,
+            bytes=len(pcm),
             engine=engine,
             error=failed,
         ),
@@ -194,10 +181,17 @@ async def reply_claim(*, user_message_id) -> bool:
     return await audio_store().aflag_add(f"reply-for:{user_message_id}", 3600)
 
 
-async def reply_cancel(*, reply_id: str) -> None:
-    """Stop a reply wherever it runs: its pending sentences are not spoken,
-    and its token stream (on any web process) stops at its next check."""
-    await audio_store().aflag_set(_cancel_key(reply_id), 300)
+async def reply_stop(*, conversation_id) -> None:
+    """Stop whatever reply of the conversation runs now, wherever it runs: the
+    one stop mechanism. The socket that runs it cancels it (which stores what
+    was said, marked interrupted); every socket drops that reply's pending audio."""
+    stop = event("reply.stop", conversation_id=str(conversation_id), issued_at=time.time())
+    await apublish(conversation_id, stop)
+
+
+async def reply_audio_skip(*, reply_id: str) -> None:
+    """A stopped reply's sentences still queued for TTS are skipped by the workers."""
+    await audio_store().aflag_set(_skip_audio_key(reply_id), 300)
 
 
 # --- Reply (web process, async) ------------------------------------------------------
@@ -207,10 +201,7 @@ async def reply_cancel(*, reply_id: str) -> None:
 class ReplyPlan:
     message: Message
     request: ReplyRequest
-    llm_kind: str
-    tts_kind: str
-    voice: str
-    stt_kind: str
+    engines: PersonaEngines
 
 
 def reply_prepare(*, conversation_id: UUID) -> ReplyPlan:
@@ -220,8 +211,8 @@ def reply_prepare(*, conversation_id: UUID) -> ReplyPlan:
     history = history_for_reply(
         conversation_id=conversation_id, budget_tokens=settings.LLM_HISTORY_TOKENS
     )
-    llm_kind = persona.llm_kind or settings.LLM_KIND
-    message = reply_begin(conversation_id=conversation_id, provider=llm_kind)
+    engines = PersonaEngines.of(persona)
+    message = reply_begin(conversation_id=conversation_id, provider=engines.llm)
     request = ReplyRequest(
         system_prompt=persona.system_prompt,
         history=[ChatMessage(role=m.role, content=m.text) for m in history],
@@ -229,19 +220,12 @@ def reply_prepare(*, conversation_id: UUID) -> ReplyPlan:
         temperature=persona.temperature,
         max_tokens=persona.max_tokens,
     )
-    return ReplyPlan(
-        message=message,
-        request=request,
-        llm_kind=llm_kind,
-        tts_kind=persona.tts_kind or settings.TTS_KIND,
-        voice=persona.voice,
-        stt_kind=persona.stt_kind or settings.STT_KIND,
-    )
+    return ReplyPlan(message=message, request=request, engines=engines)
 
 
 @dataclass
 class ReplyState:
-    """What a running reply has produced; the consumer reads it on barge-in."""
+    """What a running reply has produced; its controller reads it on a stop."""
 
     reply_id: str = ""
     text: str = ""
@@ -251,11 +235,18 @@ class ReplyState:
 
 
 async def reply_run(
-    *, conversation_id: UUID, final_at: float, state: ReplyState, speak: bool = True
+    *,
+    conversation_id: UUID,
+    final_at: float,
+    state: ReplyState,
+    speak: bool = True,
+    on_begin=None,
 ) -> None:
     """Stream the persona's reply: tokens to the sockets as they come, each
     finished sentence to the TTS queue, the whole reply stored at the end.
-    Cancelling the task (barge-in) stores what was said, marked interrupted."""
+    Cancelling the task (a stop) stores what was said, marked interrupted,
+    and skips its sentences still queued for TTS. `on_begin(reply_id)` is
+    called once the reply's message exists."""
     preparing = asyncio.ensure_future(
         database_sync_to_async(reply_prepare)(conversation_id=conversation_id)
     )
@@ -277,6 +268,8 @@ async def reply_run(
         raise
     reply_id = str(plan.message.id)
     state.reply_id = reply_id
+    if on_begin is not None:
+        on_begin(reply_id)
     splitter = SentenceSplitter()
     status, error_code = Message.Status.COMPLETE, ""
     usage = ReplyUsage()
@@ -285,19 +278,22 @@ async def reply_run(
         if not speak:
             return
         for sentence in sentences:
-            enqueue_tts(conversation_id, reply_id, state.sentences, sentence, plan)
+            enqueue_tts(
+                SentenceToSpeak(
+                    conversation_id=str(conversation_id),
+                    reply_id=reply_id,
+                    index=state.sentences,
+                    text=sentence,
+                    tts_kind=plan.engines.tts,
+                    voice=plan.engines.voice,
+                )
+            )
             state.sentences += 1
 
     try:
-        stream = llm_get(plan.llm_kind).stream_reply(plan.request)
+        stream = llm_get(plan.engines.llm).stream_reply(plan.request)
         usage = stream.usage
-        checked_at = time.monotonic()
         async for delta in stream.deltas:
-            if time.monotonic() - checked_at > CANCEL_CHECK_S:
-                # Stopped from a socket that does not own this task (it reconnected)?
-                checked_at = time.monotonic()
-                if await audio_store().aflag_get(_cancel_key(reply_id)):
-                    raise asyncio.CancelledError
             if state.first_token_at is None:
                 state.first_token_at = time.time()
             state.text += delta
@@ -320,34 +316,33 @@ async def reply_run(
         state.done = True
         first_ms = _ms_between(final_at, state.first_token_at)
         await asyncio.shield(
-            database_sync_to_async(reply_finish)(
-                message_id=plan.message.id,
-                text=state.text,
-                status=status,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                final_to_first_token_ms=first_ms,
-                reply_total_ms=_ms_between(final_at, time.time()),
-                error_code=error_code,
-                audio_parts=state.sentences,
-            )
+            _reply_store(plan, state, status, error_code, usage, first_ms, final_at)
         )
     if status == Message.Status.INTERRUPTED:
         raise asyncio.CancelledError
 
 
-def enqueue_tts(conversation_id, reply_id: str, index: int, sentence: str, plan: ReplyPlan) -> None:
-    from .tasks import synthesize_sentence_task
-
-    enqueue(
-        synthesize_sentence_task,
-        conversation_id=str(conversation_id),
-        reply_id=reply_id,
-        index=index,
-        text=sentence,
-        tts_kind=plan.tts_kind,
-        voice=plan.voice,
+async def _reply_store(plan, state, status, error_code, usage, first_ms, final_at) -> None:
+    if status == Message.Status.INTERRUPTED and state.sentences:
+        try:
+            await reply_audio_skip(reply_id=state.reply_id)
+        except Exception:
+            log.warning("could not mark reply %s's audio skipped", state.reply_id)
+    await database_sync_to_async(reply_finish)(
+        message_id=plan.message.id,
+        text=state.text,
+        status=status,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        final_to_first_token_ms=first_ms,
+        reply_total_ms=_ms_between(final_at, time.time()),
+        error_code=error_code,
+        audio_parts=state.sentences,
     )
+
+
+def enqueue_tts(sentence: SentenceToSpeak) -> None:
+    enqueue(synthesize_sentence_task, **sentence.as_kwargs())
 
 
 def _ms_between(start: float | None, end: float | None) -> int | None:

@@ -6,6 +6,7 @@ the load tests. Built on websocket-client, which is gevent-friendly (Locust)."""
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -25,7 +26,7 @@ class TalkClient:
     url: str
     session_cookie: str = ""
     origin: str = ""
-    on_event: object = None  # callable(Received) or None
+    on_event: Callable[[Received], None] | None = None
     received: list[Received] = field(default_factory=list)
     closed: threading.Event = field(default_factory=threading.Event)
     close_code: int | None = None

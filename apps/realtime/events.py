@@ -1,16 +1,10 @@
 """Every event the server sends, declared once (see docs/protocol.md).
 
 Events are built with `event(type, **fields)`, which refuses unknown types
-and missing fields, and reach sockets through the conversation's group
-(`conversation.<uuid>`), so every socket of the conversation sees them.
-Services publish them after the transaction that stored their data commits."""
-
-import asyncio
-from functools import partial
-
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
-from django.db import transaction
+and missing fields. Schemas only: sending lives in `broadcast.py`, which puts
+them on the conversation's group (`conversation.<uuid>`), so every socket of
+the conversation sees them. Services publish them after the transaction that
+stored their data commits."""
 
 PROTOCOL_VERSION = 1
 
@@ -31,7 +25,12 @@ SERVER_EVENTS: dict[str, frozenset[str]] = {
 }
 # Internal events that travel on the channel layer only.
 GROUP_ONLY_EVENTS: dict[str, frozenset[str]] = {
-    "reply.audio": frozenset({"reply_id", "index", "sample_rate", "pcm"}),
+    # The audio itself waits in the audio store under `audio_key` (one copy,
+    # whatever the number of sockets); the event stays small.
+    "reply.audio": frozenset({"reply_id", "index", "sample_rate", "audio_key", "bytes"}),
+    # Stop a reply wherever it runs (the one stop mechanism): the socket that
+    # runs it cancels it, every socket drops its pending audio.
+    "reply.stop": frozenset({"conversation_id", "issued_at"}),
     "transcript.candidate": frozenset(
         {"utterance_id", "end_byte", "text", "confidence", "provider"}
     ),
@@ -50,25 +49,3 @@ def event(type_: str, **fields) -> dict:
 
 def group_name(conversation_id) -> str:
     return f"conversation.{conversation_id}"
-
-
-def publish(conversation_id, message: dict) -> None:
-    """Send to the conversation's group from sync code: a service, a Celery
-    worker, or an in-process worker thread (which hands it to the web loop)."""
-    from apps.pipeline.dispatch import home_loop
-
-    layer = get_channel_layer()
-    group = group_name(conversation_id)
-    loop = home_loop()
-    if loop is not None and loop.is_running():
-        asyncio.run_coroutine_threadsafe(layer.group_send(group, message), loop).result(timeout=10)
-    else:
-        async_to_sync(layer.group_send)(group, message)
-
-
-def publish_on_commit(conversation_id, message: dict) -> None:
-    transaction.on_commit(partial(publish, conversation_id, message))
-
-
-async def apublish(conversation_id, message: dict) -> None:
-    await get_channel_layer().group_send(group_name(conversation_id), message)

@@ -1,34 +1,48 @@
-"""One socket's incoming speech: the cheap endpointer, the utterance's audio
-buffer, and the STT jobs it dispatches (partial drafts, a candidate at each
-pause, the final). Plain asyncio; the consumer owns the transport."""
+"""One socket's incoming speech, the owner of its utterances: the cheap
+endpointer, each utterance's audio (buffered in the process, written in
+batches by the LiveWriter), and the STT jobs it dispatches (drafts while the
+user speaks, a candidate at each pause, the final). Plain asyncio; the
+consumer owns the transport. A frame costs the endpointer and a buffer append:
+no I/O, no await unless something happened."""
+
+from __future__ import annotations
 
 import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
 
 from django.conf import settings
 
-from apps.pipeline.audio_store import audio_store, utterance_key
+from apps.pipeline.audio_store import utterance_key
 from apps.pipeline.dispatch import enqueue
-from apps.pipeline.services import utterance_finalize_from_candidate, utterance_mark_ended
+from apps.pipeline.services import final_requested_key, utterance_finalize_from_candidate
 from apps.pipeline.tasks import transcribe_window_task
 from apps.pipeline.vad import BYTES_PER_MS, Endpointer
+from apps.pipeline.values import CandidateTranscript, Purpose, UtteranceWindow
 
 from .events import event
+from .live import LiveWriter, OpenAudio
 
 
+@dataclass(eq=False)
 class Utterance:
-    def __init__(self, start_ms: int) -> None:
-        self.id = uuid.uuid4().hex
-        self.start_ms = start_ms
-        self.bytes = 0
-        self.candidate_end = 0  # bytes at the last pause, transcribed as a candidate
-        self.candidate: dict | None = None  # that transcript, once back
-        self.end_ms = 0
-        self.speech_end_at = 0.0
-        self.partial_at_bytes = 0
-        self.partial_in_flight = False
+    id: str
+    start_ms: int
+    audio: OpenAudio
+    candidate_end: int = 0  # bytes at the last pause, transcribed as a candidate
+    candidate: CandidateTranscript | None = None  # that transcript, once back
+    end_ms: int = 0
+    speech_end_at: float = 0.0
+    partial_at_bytes: int = 0
+    partial_in_flight: bool = False
+
+    @property
+    def bytes(self) -> int:
+        return len(self.audio.pcm)
 
 
 class SpeechIngest:
@@ -37,15 +51,21 @@ class SpeechIngest:
         *,
         conversation_id,
         stt_kind: str,
+        live: LiveWriter,
         send: Callable[[dict], Awaitable[None]],
-        may_start: Callable[[], Awaitable[None]],
+        report: Callable[[str, str], object],
+        may_start: Callable[[], None],
         started: Callable[[], Awaitable[None]],
+        finalized: Callable[[str], Awaitable[None]],
     ) -> None:
-        self.conversation_id = conversation_id
+        self.conversation_id = str(conversation_id)
         self.stt_kind = stt_kind
+        self.live = live
         self.send = send
+        self.report = report  # (code, message): an error for the client, sent soon
         self.may_start = may_start  # raises to refuse an utterance (quota)
         self.started = started  # after speech.start is sent (barge-in)
+        self.finalized = finalized  # a final stored here (message id): reply to it
         self.endpointer = Endpointer(
             end_silence_ms=settings.VAD_END_SILENCE_MS,
             pause_ms=settings.VAD_PAUSE_MS,
@@ -56,39 +76,54 @@ class SpeechIngest:
         self.stream_ms = 0.0
         self.awaiting: dict[str, Utterance] = {}  # ended; the final waits for a candidate
         self.mine: set[str] = set()  # utterances heard here whose final is not back yet
+        self.answered: set[str] = set()  # finalized here, their reply already started
 
     async def frame(self, data: bytes) -> None:
         """One validated frame of PCM16 16 kHz mono."""
         frame_ms = len(data) / BYTES_PER_MS
         self.stream_ms += frame_ms
         happened = self.endpointer.feed(data)
+        if not happened:
+            if self.utterance is not None:
+                self.append(self.utterance, data)
+            return
         for start in (h for h in happened if h.kind == "start"):
             await self.start(start.audio, frame_ms)
-        await self.append(data)
+        if self.utterance is not None:
+            self.append(self.utterance, data)
         if any(h.kind == "pause" for h in happened) and self.utterance is not None:
             self.transcribe(self.utterance, purpose="candidate")
         for end in (h for h in happened if h.kind == "end"):
             await self.end(reason=end.reason)
 
     async def start(self, preroll: bytes, frame_ms: float) -> None:
-        await self.may_start()  # a refusal keeps nothing
+        self.may_start()  # a refusal keeps nothing
         start_ms = max(0, int(self.stream_ms - frame_ms) - len(preroll) // BYTES_PER_MS)
-        self.utterance = Utterance(start_ms=start_ms)
-        self.mine.add(self.utterance.id)
-        await self.send(event("speech.start", utterance_id=self.utterance.id))
+        utterance_id = uuid.uuid4().hex
+        audio = self.live.audio_open(
+            key=utterance_key(self.conversation_id, utterance_id),
+            utterance_id=utterance_id,
+            record={
+                "conversation": self.conversation_id,
+                "start_ms": str(start_ms),
+                "stt_kind": self.stt_kind,
+            },
+            on_error=self.store_failed,
+        )
+        utterance = self.utterance = Utterance(id=utterance_id, start_ms=start_ms, audio=audio)
+        self.mine.add(utterance_id)
+        await self.send(event("speech.start", utterance_id=utterance_id))
         await self.started()
-        await self.append(preroll)
+        self.append(utterance, preroll)
 
-    async def append(self, data: bytes) -> None:
-        utterance = self.utterance
-        if utterance is None or not data:
+    def append(self, utterance: Utterance, data: bytes) -> None:
+        if not data:
             return
-        key = utterance_key(str(self.conversation_id), utterance.id)
-        utterance.bytes = await audio_store().append(key, data)
+        length = self.live.audio_append(utterance.audio, data)
         due_at = utterance.partial_at_bytes + settings.STT_PARTIAL_EVERY_MS * BYTES_PER_MS
-        if utterance.bytes >= due_at and not utterance.partial_in_flight:
+        if length >= due_at and not utterance.partial_in_flight:
             utterance.partial_in_flight = True
-            utterance.partial_at_bytes = utterance.bytes
+            utterance.partial_at_bytes = length
             self.transcribe(utterance, purpose="partial")
 
     async def end(self, *, reason: str) -> None:
@@ -102,6 +137,12 @@ class SpeechIngest:
             return
         utterance.speech_end_at = time.time()
         utterance.end_ms = utterance.start_ms + utterance.bytes // BYTES_PER_MS
+        self.live.audio_end(
+            utterance.id,
+            {"end_ms": str(utterance.end_ms), "speech_end_at": str(utterance.speech_end_at)},
+        )
+        if utterance.partial_in_flight:
+            self.live.flag(final_requested_key(utterance.id), 300)
         if reason == "silence" and utterance.candidate_end:
             self.awaiting[utterance.id] = utterance
             if utterance.candidate is not None:
@@ -112,8 +153,6 @@ class SpeechIngest:
                 )
         else:
             self.transcribe(utterance, purpose="final")
-        if utterance.partial_in_flight:
-            await utterance_mark_ended(utterance_id=utterance.id)
         await self.send(
             event(
                 "speech.end",
@@ -123,19 +162,49 @@ class SpeechIngest:
             )
         )
 
-    def transcribe(self, utterance: Utterance, *, purpose: str) -> None:
+    def transcribe(self, utterance: Utterance, *, purpose: Purpose) -> None:
+        """Queue an STT job for the audio so far, once the store holds it."""
         if purpose == "candidate":
             utterance.candidate_end, utterance.candidate = utterance.bytes, None
-        enqueue(
-            transcribe_window_task,
-            queue="stt_partial" if purpose == "partial" else "stt",
-            conversation_id=str(self.conversation_id),
+        window = UtteranceWindow(
+            conversation_id=self.conversation_id,
             utterance_id=utterance.id,
             end_byte=utterance.bytes,
             purpose=purpose,
             stt_kind=self.stt_kind,
             start_ms=utterance.start_ms,
             speech_end_at=utterance.speech_end_at or None,
+        )
+        draft = purpose == "partial"
+        job = partial(
+            enqueue,
+            transcribe_window_task,
+            queue="stt_partial" if draft else "stt",
+            expires=settings.STT_PARTIAL_EXPIRES_S if draft else None,
+            on_error=partial(self.enqueue_failed, utterance, purpose),
+            **window.as_kwargs(),
+        )
+        self.live.when_stored(utterance.audio, job)
+
+    def enqueue_failed(self, utterance: Utterance, purpose: Purpose, exc: Exception) -> None:
+        if purpose == "partial":
+            utterance.partial_in_flight = False  # the next draft is due soon anyway
+            return
+        if purpose == "candidate":
+            utterance.candidate_end = 0  # the end runs a fresh final
+            self.candidate_overdue(utterance.id)
+            return
+        self.report(
+            "stt_unavailable",
+            "Speech recognition is not reachable right now; that utterance was not "
+            "transcribed. Please say it again in a moment.",
+        )
+
+    def store_failed(self, exc: Exception) -> None:
+        self.report(
+            "store_unavailable",
+            "Live audio storage is not reachable right now; your audio is kept and "
+            "will be transcribed when it is back.",
         )
 
     async def partial(self, message: dict) -> None:
@@ -149,34 +218,42 @@ class SpeechIngest:
 
     async def candidate(self, message: dict) -> None:
         """The transcript of an utterance up to a pause."""
-        utterance_id = message["utterance_id"]
-        utterance = self.awaiting.get(utterance_id)
-        if utterance is None and self.utterance is not None and self.utterance.id == utterance_id:
-            utterance = self.utterance
-        if utterance is None or message["end_byte"] != utterance.candidate_end:
+        candidate = CandidateTranscript.from_event(message)
+        utterance = self.awaiting.get(candidate.utterance_id)
+        if utterance is None and self.utterance is not None:
+            utterance = self.utterance if self.utterance.id == candidate.utterance_id else None
+        if utterance is None or candidate.end_byte != utterance.candidate_end:
             return  # another socket's, or stale: the user spoke again after that pause
-        if message.get("failed"):
+        if candidate.failed:
             utterance.candidate_end = 0  # the end will run a fresh final
-            self.candidate_overdue(utterance_id)
+            self.candidate_overdue(utterance.id)
             return
-        utterance.candidate = message
-        if utterance_id in self.awaiting:
+        utterance.candidate = candidate
+        if utterance.id in self.awaiting:
             await self.finalize_from_candidate(utterance)
-        elif message["text"]:
+        elif candidate.text:
             await self.send(
-                event("transcript.partial", utterance_id=utterance_id, text=message["text"])
+                event("transcript.partial", utterance_id=utterance.id, text=candidate.text)
             )
 
     async def finalize_from_candidate(self, utterance: Utterance) -> None:
         self.awaiting.pop(utterance.id, None)
-        await utterance_finalize_from_candidate(
-            conversation_id=self.conversation_id,
-            utterance_id=utterance.id,
-            candidate=utterance.candidate,
-            start_ms=utterance.start_ms,
-            end_ms=utterance.end_ms,
-            speech_end_at=utterance.speech_end_at,
-        )
+        assert utterance.candidate is not None
+        try:
+            message_id = await utterance_finalize_from_candidate(
+                conversation_id=self.conversation_id,
+                utterance_id=utterance.id,
+                candidate=utterance.candidate,
+                start_ms=utterance.start_ms,
+                end_ms=utterance.end_ms,
+                speech_end_at=utterance.speech_end_at,
+            )
+        except Exception:  # the database is unreachable: a worker's final retries
+            self.transcribe(utterance, purpose="final")
+            raise
+        if message_id is not None and self.heard(utterance.id) == "mine":
+            self.answered.add(utterance.id)
+            await self.finalized(message_id)
 
     def candidate_overdue(self, utterance_id: str) -> None:
         """No candidate in time (or it failed, or the socket closes): a fresh final."""
@@ -184,12 +261,17 @@ class SpeechIngest:
         if utterance is not None:
             self.transcribe(utterance, purpose="final")
 
-    def settled(self, utterance_id: str) -> bool:
-        """Whether this socket heard the utterance (once: it then forgets it)."""
+    def heard(self, utterance_id: str) -> Literal["mine", "answered", "other"]:
+        """Its final (or empty) transcript is known: did this socket hear the
+        utterance ("mine", once: answer it), answer it already, or not?"""
+        self.live.audio_forget(utterance_id)
+        if utterance_id in self.answered:
+            self.answered.discard(utterance_id)
+            return "answered"
         if utterance_id in self.mine:
             self.mine.discard(utterance_id)
-            return True
-        return False
+            return "mine"
+        return "other"
 
     async def close(self) -> None:
         """The socket is gone: keep what was said."""

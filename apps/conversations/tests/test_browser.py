@@ -2,10 +2,11 @@
 
 Headless Debian Chromium driven by Playwright (sync API), with Chromium's fake
 microphone playing a test clip, against the `live_daphne` server on the test
-database. Screenshots for the README are written to docs/screenshots/.
+database. Screenshots are written to reports/screenshots/ (not tracked);
+`make screenshots` copies them over the README's docs/screenshots/.
 
 Every test collects the page's console errors and uncaught exceptions and asserts
-there were none.
+there were none; the happy paths also assert that the page's error area stayed empty.
 """
 
 import re
@@ -21,7 +22,7 @@ from apps.personas.demo import demo_seed
 from tests.audio import AUDIO_DIR, manifest, word_error_rate
 
 ROOT = Path(__file__).resolve().parents[3]
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+SCREENSHOTS = ROOT / "reports" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 CLIP = "speechbrain_spk1_snt1.wav"  # "THE CHILD ALMOST HURT THE SMALL DOG", 2.9 s
 TURN_TIMEOUT_MS = 60_000
@@ -172,6 +173,14 @@ RECORD_STATES = """() => {
 }"""
 
 
+def assert_no_error_shown(page: Page) -> None:
+    """The page's error area (#errors, role=alert) is empty, and so hidden."""
+    errors = page.locator("#errors")
+    expect(errors.locator(".error")).to_have_count(0)
+    expect(errors).to_be_empty()
+    expect(errors).to_be_hidden()
+
+
 def screenshot(page: Page, name: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     for label, size in (("desktop", DESKTOP), ("mobile", MOBILE)):
@@ -226,6 +235,7 @@ def test_hands_free_voice_turn_is_transcribed_answered_and_spoken(page):
     expect(row.locator("td").nth(2)).to_have_text(re.compile(r"^\d+ \(\+\d+\)$"))
     expect(row.locator("td").nth(0)).to_have_text(re.compile(r"^\d+$"))
     assert_each_message_once(page, conversation)
+    assert_no_error_shown(page)
     screenshot(page, "conversation")
 
     # and the history lists the conversation
@@ -254,6 +264,7 @@ def test_typed_message_round_trip(page):
     expect(reply).to_be_visible(timeout=TURN_TIMEOUT_MS)
     expect(reply.locator(".text")).not_to_be_empty()
     assert_each_message_once(page, conversation)
+    assert_no_error_shown(page)
 
 
 def test_reconnect_mid_reply_shows_each_message_once(page):
@@ -288,10 +299,12 @@ def test_reconnect_mid_reply_shows_each_message_once(page):
     page.wait_for_function("() => window.parley.state !== 'live'")
     expect(page.locator("#status")).to_have_attribute("data-state", "live", timeout=30_000)
     assert_each_message_once(page, conversation)
+    assert_no_error_shown(page)  # a dropped socket is not an error: the page resumes
     page.reload()
     expect(page.locator("#status")).to_have_attribute("data-state", "live")
     expect(page.locator("#log li.msg[data-seq]")).to_have_count(3)
     assert_each_message_once(page, conversation)
+    assert_no_error_shown(page)
 
 
 def test_quota_exceeded_shows_a_readable_error(page):
@@ -305,7 +318,10 @@ def test_quota_exceeded_shows_a_readable_error(page):
 
     # then the reason is shown in the alert region, and nothing was sent on
     errors = page.locator("#errors")
-    expect(errors).to_contain_text("used all of your reply tokens")
+    expect(errors).to_be_visible()
+    expect(errors.locator(".error")).to_have_count(1)
+    expect(errors.locator(".error")).to_be_visible()
+    expect(errors.locator(".error")).to_contain_text("used all of your reply tokens")
     expect(errors.locator(".error")).to_have_attribute("data-code", "quota_exceeded")
     expect(page.locator("#errors[role='alert']")).to_have_count(1)
     expect(page.locator("#log li.msg[data-seq]")).to_have_count(1)  # the greeting only
@@ -337,6 +353,7 @@ def test_push_to_talk_with_the_space_bar(page):
     expect(reply).to_be_visible(timeout=TURN_TIMEOUT_MS)
     wait_until_stored_and_shown(page, count=3)
     assert_each_message_once(page, conversation)
+    assert_no_error_shown(page)
 
 
 def test_stop_button_silences_the_reply_at_once(page):
@@ -361,6 +378,7 @@ def test_stop_button_silences_the_reply_at_once(page):
     wait_until_stored_and_shown(page, count=3)
     assert page.evaluate("window.parley.player.playing") is False
     assert_each_message_once(page, conversation)
+    assert_no_error_shown(page)  # a stop is not an error
 
 
 def test_a_refused_microphone_is_explained_and_typing_still_works(page):
@@ -386,3 +404,4 @@ def test_a_refused_microphone_is_explained_and_typing_still_works(page):
     assert_each_message_once(page, conversation)
     errors.get_by_role("button", name=re.compile("Dismiss")).click()
     expect(errors.locator(".error")).to_have_count(0)
+    expect(errors).to_be_hidden()

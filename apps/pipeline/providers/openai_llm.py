@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 
 import openai
 from django.conf import settings
+from openai.types.chat import ChatCompletionMessageParam
 
-from .base import ProviderError, ReplyRequest, ReplyStream, ReplyUsage
+from .base import ChatMessage, ProviderError, ReplyRequest, ReplyStream, ReplyUsage
 
 
 def _provider_error(exc: BaseException) -> ProviderError:
@@ -25,6 +26,15 @@ def _provider_error(exc: BaseException) -> ProviderError:
             "llm_unavailable", f"The language model failed (HTTP {exc.status_code})."
         )
     return ProviderError("llm_unavailable", f"The language model is unreachable: {exc}")
+
+
+def _message(message: ChatMessage) -> ChatCompletionMessageParam:
+    # History holds Message.Role values ("user", "assistant").
+    if message.role == "assistant":
+        return {"role": "assistant", "content": message.content}
+    if message.role == "system":
+        return {"role": "system", "content": message.content}
+    return {"role": "user", "content": message.content}
 
 
 class OpenAILLM:
@@ -58,7 +68,7 @@ class OpenAILLM:
         return ReplyStream(deltas=self._deltas(request, usage), usage=usage)
 
     async def _deltas(self, request: ReplyRequest, usage: ReplyUsage) -> AsyncIterator[str]:
-        messages = [{"role": m.role, "content": m.content} for m in request.history]
+        messages = [_message(m) for m in request.history]
         if request.system_prompt:
             messages.insert(0, {"role": "system", "content": request.system_prompt})
         # The deadline wraps each await, never a yield, so it holds whichever task

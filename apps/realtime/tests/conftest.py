@@ -15,10 +15,9 @@ def voice_server(transactional_db, live_daphne, live_worker):
     return live_daphne
 
 
-@pytest.fixture
-def talker(voice_server):
-    """Open a socket as a new user (or a given one) on a new conversation."""
-    clients: list[TalkClient] = []
+def socket_opener(server, clients: list[TalkClient]):
+    """A function that opens a socket to `server` (a live Daphne) as a new user (or a
+    given one) on a new conversation (or a given one); the sockets go to `clients`."""
 
     def open_socket(
         persona: str = "ada",
@@ -33,7 +32,7 @@ def talker(voice_server):
         if conversation is None:
             conversation = conversation_start(user=user, persona=Persona.objects.get(slug=persona))
         client = TalkClient(
-            f"{voice_server.ws_url}/ws/conversations/{conversation.id}/",
+            f"{server.ws_url}/ws/conversations/{conversation.id}/",
             session_cookie=session_key_create(user=user),
         )
         client.conversation = conversation
@@ -42,8 +41,16 @@ def talker(voice_server):
         if connect:
             ready = client.connect(resume_from=resume_from)
             assert ready["type"] == "ready", ready
+            client.ready = ready
         return client
 
-    yield open_socket
+    return open_socket
+
+
+@pytest.fixture
+def talker(voice_server):
+    """Open a socket as a new user (or a given one) on a new conversation."""
+    clients: list[TalkClient] = []
+    yield socket_opener(voice_server, clients)
     for client in clients:
         client.close()

@@ -1,9 +1,12 @@
 """ConversationConsumer in process: the whole ASGI stack (origin check, session
-auth, routing) through channels.testing.WebsocketCommunicator, on the in-memory
-channel layer, with the echo LLM and espeak-ng TTS on in-process worker threads.
+auth, routing) through channels.testing.WebsocketCommunicator, with the echo LLM and
+espeak-ng TTS. The channel layer and the workers are the mode's own: on embedded
+defaults the in-memory layer and in-process worker threads; in services mode the
+Redis layer, Redis audio store and a real Celery worker (`live_worker`, requested by
+each test whose turn needs a worker: STT or TTS), so this module passes run alone.
 
-`transactional_db`: the consumer's services run on database_sync_to_async threads,
-which only see committed data."""
+`transactional_db`: the consumer's services run on database_sync_to_async threads
+(and, in services mode, in the worker process), which only see committed data."""
 
 import asyncio
 import json
@@ -329,7 +332,9 @@ async def test_protocol_errors_keep_the_socket_open(connect):
 # --- A typed turn ---------------------------------------------------------------------------
 
 
-async def test_typed_text_is_stored_shown_and_answered_with_text_and_audio(conversation, connect):
+async def test_typed_text_is_stored_shown_and_answered_with_text_and_audio(
+    conversation, connect, live_worker
+):
     # given
     communicator = await connect()
     await hello(communicator, resume_from=1)
@@ -378,7 +383,7 @@ async def test_typed_text_is_stored_shown_and_answered_with_text_and_audio(conve
     assert conversation.user.tokens_used > 0
 
 
-async def test_a_second_socket_sees_the_turn_too(conversation, connect):
+async def test_a_second_socket_sees_the_turn_too(conversation, connect, live_worker):
     speaker, listener = await connect(), await connect()
     await hello(speaker, resume_from=1)
     await hello(listener, resume_from=1)
@@ -559,7 +564,7 @@ async def test_the_query_counter_sees_queries_on_other_threads(connect):
     assert all(thread != threading.current_thread().name for thread, _ in queries.statements)
 
 
-async def test_a_typed_turn_stays_within_its_query_budget(connect):
+async def test_a_typed_turn_stays_within_its_query_budget(connect, live_worker):
     communicator = await connect()
     await hello(communicator, resume_from=1)
     await settle(communicator)

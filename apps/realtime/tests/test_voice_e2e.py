@@ -1,6 +1,9 @@
 """The voice pipeline end to end, through a real socket on a real Daphne, with
 the real models: in services mode also a real Celery worker, Redis, and
-Postgres through PgBouncer; on embedded defaults, in-process workers."""
+Postgres through PgBouncer; on embedded defaults, in-process workers.
+
+The tests speak the socket protocol (docs/protocol.md) and read the stored models;
+they don't look inside the consumer or the pipeline."""
 
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,43 +16,19 @@ from apps.accounts.models import User
 from apps.conversations.models import Message, TranscriptSegment
 from apps.personas.models import Persona
 from apps.pipeline.providers.registry import stt_get
-from apps.pipeline.talk_client import TalkClient
 from tests.audio import english_clips, manifest, normalize, pcm_of, word_error_rate
 
-SILENCE_2S = bytes(64_000)
+from .helpers import (
+    BYTES_PER_S,
+    SILENCE_2S,
+    assert_no_error,
+    ping,
+    speak,
+    stored_turns,
+    wait_until,
+)
 
-
-def speak(client: TalkClient, pcm: bytes, *, timeout: float = 90) -> list[dict]:
-    """Stream `pcm` at real-time pace, then 2 s of silence; wait until every
-    utterance has its final (or empty) transcript and the last reply is done.
-    Returns the events that arrived."""
-    after = len(client.received)
-    client.stream(pcm + SILENCE_2S)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        events = [r.event for r in client.received[after:]]
-        ends = sum(e["type"] == "speech.end" for e in events)
-        settled = sum(e["type"] in ("transcript.final", "transcript.empty") for e in events)
-        finals = sum(e["type"] == "transcript.final" for e in events)
-        replies = sum(e["type"] in ("reply.done", "reply.interrupted") for e in events)
-        if ends == settled and replies >= finals and _audio_complete(events):
-            client.wait_quiet(quiet=2.0, timeout=deadline - time.monotonic())
-            return [r.event for r in client.received[after:]]
-        time.sleep(0.1)
-    raise TimeoutError([e["type"] for e in events][-20:])
-
-
-def _audio_complete(events: list[dict]) -> bool:
-    """The last finished reply's audio has started for every sentence it spoke."""
-    done = [e for e in events if e["type"] == "reply.done"]
-    if not done:
-        return True
-    parts = {
-        e["index"]
-        for e in events
-        if e["type"] == "reply.audio.start" and e["reply_id"] == done[-1]["reply_id"]
-    }
-    return len(parts) >= done[-1]["audio_parts"]
+TURN_TYPES = ("transcript.final", "reply.done", "reply.interrupted")  # stored turns
 
 
 def test_streamed_transcripts_match_offline_and_replies_are_spoken(talker):
@@ -106,11 +85,15 @@ def test_streamed_transcripts_match_offline_and_replies_are_spoken(talker):
     assert not Message.objects.filter(
         role="user", source="voice", speech_end_to_final_ms__isnull=True
     ).exists()
+    # and no socket got an error
+    assert_no_error(*clients.values())
 
 
 def test_partials_come_before_each_final(talker):
     # one speaker, a long clip: every utterance of 1.5 s or more shows a draft first
-    events = speak(talker("ada"), pcm_of("faster-whisper_jfk.wav"))
+    client = talker("ada")
+    events = speak(client, pcm_of("faster-whisper_jfk.wav"))
+    assert_no_error(client)
     lengths = {e["utterance_id"]: e["duration_ms"] for e in events if e["type"] == "speech.end"}
     finals = [e for e in events if e["type"] == "transcript.final"]
     assert finals
@@ -130,12 +113,37 @@ def test_partials_come_before_each_final(talker):
 
 @pytest.mark.parametrize("clip", ["leopard_empty.wav", "speechbrain_noise2.wav"])
 def test_non_speech_makes_no_transcript_and_no_reply(talker, clip):
+    # given a recording with no words in it (room tone, noise), then 2 s of silence
     client = talker("ada")
+
+    # when it is streamed
     events = speak(client, pcm_of(clip))
+    ping(client)  # every frame has been handled
+
+    # then the energy gate opens on it (it is louder than the starting noise floor), the
+    # utterance ends on the silence, and STT finds no speech in it: transcript.empty
+    starts = [e["utterance_id"] for e in events if e["type"] == "speech.start"]
+    assert starts, [e["type"] for e in events]
+    for utterance_id in starts:
+        ends = [
+            e for e in events if e["type"] == "speech.end" and e["utterance_id"] == utterance_id
+        ]
+        empty = [
+            e
+            for e in events
+            if e["type"] == "transcript.empty" and e["utterance_id"] == utterance_id
+        ]
+        assert [e["reason"] for e in ends] == ["silence"], ends
+        assert len(empty) == 1, [e["type"] for e in events]
+        assert events.index(ends[0]) < events.index(empty[0])
+    # and nothing is stored, nothing is answered, and it is not an error
     types = [e["type"] for e in events]
-    assert "transcript.final" not in types
-    assert "reply.delta" not in types
-    assert not Message.objects.filter(conversation=client.conversation, role="user").exists()
+    assert "transcript.final" not in types and "reply.delta" not in types
+    assert_no_error(client)
+    assert not TranscriptSegment.objects.filter(conversation=client.conversation).exists()
+    assert list(
+        Message.objects.filter(conversation=client.conversation).values_list("seq", flat=True)
+    ) == [1]
 
 
 def test_typed_text_gets_a_spoken_reply(talker):
@@ -150,6 +158,8 @@ def test_typed_text_gets_a_spoken_reply(talker):
     stored = Message.objects.get(pk=done["reply_id"])
     assert (stored.status, stored.text, stored.seq) == ("complete", done["text"], done["seq"])
     assert stored.completion_tokens > 0 and stored.final_to_first_token_ms is not None
+    client.wait_quiet(quiet=1.0)
+    assert_no_error(client)
 
 
 LONG_TEXT = " ".join(["tell me a long story about the sea and the stars"] * 12)
@@ -160,16 +170,18 @@ def test_interrupt_cancels_the_reply_and_stores_it_as_interrupted(talker):
     after = len(client.received)
     client.send_json({"type": "text", "text": LONG_TEXT})
     client.wait_for(lambda e: e["type"] == "reply.delta", after=after)
-    sent_at = client.now()
     client.send_json({"type": "interrupt"})
+    # (how fast reply.interrupted comes is a latency for the benchmark, not asserted here)
     stopped = client.wait_for(lambda e: e["type"] == "reply.interrupted", after=after)
-    assert stopped.t - sent_at < 0.2
     client.wait_quiet(quiet=1.0)
-    later = [r.event["type"] for r in client.received if r.t > stopped.t]
-    assert "reply.delta" not in later and "reply.audio.start" not in later
-    stored = Message.objects.get(pk=stopped.event["reply_id"])
-    assert stored.status == "interrupted"
+    reply_id = stopped.event["reply_id"]
+    later = client.received[client.received.index(stopped) + 1 :]
+    assert not [r.event for r in later if r.event.get("reply_id") == reply_id]
+    assert "binary" not in [r.event["type"] for r in later]  # no more audio for it
+    stored = Message.objects.get(pk=reply_id)
+    assert stored.status == "interrupted" and stopped.event["status"] == "interrupted"
     assert stored.text == stopped.event["text"] and 0 < len(stored.text) < len(LONG_TEXT)
+    assert_no_error(client)
 
 
 def test_a_stop_before_the_first_token_leaves_no_turn_half_done(talker):
@@ -184,6 +196,7 @@ def test_a_stop_before_the_first_token_leaves_no_turn_half_done(talker):
     client.send_json({"type": "text", "text": "second try"})
     done = client.wait_for(lambda e: e["type"] == "reply.done", after=after).event
     assert "second try" in done["text"]
+    assert_no_error(client)
 
 
 def test_speaking_over_the_reply_interrupts_it(talker):
@@ -196,31 +209,47 @@ def test_speaking_over_the_reply_interrupts_it(talker):
     assert types.index("speech.start") < types.index("reply.interrupted")
     interrupted = Message.objects.filter(conversation=client.conversation, status="interrupted")
     assert interrupted.count() == 1
+    assert_no_error(client)
 
 
 def test_resume_replays_what_was_missed_exactly_once(talker):
-    # given a conversation with one finished turn, whose socket drops mid-reply
+    # given a conversation with one finished turn ...
     first = talker("ada")
     after = len(first.received)
     first.send_json({"type": "text", "text": "first question"})
-    seen = first.wait_for(lambda e: e["type"] == "reply.done", after=after).event["seq"]
+    first_reply = first.wait_for(lambda e: e["type"] == "reply.done", after=after).event
+    seen = first_reply["seq"]
+    first.wait_quiet(quiet=1.5)  # its audio too
+    # ... and a second question whose socket drops while the reply streams
+    mark = len(first.received)
     first.send_json({"type": "text", "text": LONG_TEXT})
-    first.wait_for(lambda e: e["type"] == "reply.delta" and e["reply_id"] != "", after=after + 5)
+    asked = first.wait_for(lambda e: e["type"] == "transcript.final", after=mark).event
+    delta = first.wait_for(lambda e: e["type"] == "reply.delta", after=mark).event
     first.close()
+    reply_id = delta["reply_id"]
+    assert reply_id != first_reply["reply_id"]
+    ended = [e for e in first.events() if e["type"] in TURN_TYPES and e.get("reply_id") == reply_id]
+    assert ended == [], "the socket was meant to drop mid-reply, but the reply had ended"
 
     # when a new socket says hello with the last seq it saw
     again = talker(user=first.user, conversation=first.conversation, resume_from=seen)
-    again.wait_for(lambda e: e["type"] == "reply.done" and LONG_TEXT[:40] in e["text"], timeout=60)
+    done = again.wait_for(
+        lambda e: e["type"] == "reply.done" and e["reply_id"] == reply_id, timeout=60
+    ).event
     again.wait_quiet(quiet=1.0)
 
-    # then every stored turn after that seq arrives once, in order, and nothing before it
-    seqs = [e["seq"] for e in again.events() if e["type"] in ("transcript.final", "reply.done")]
-    stored = list(
-        Message.objects.filter(conversation=first.conversation, seq__gt=seen)
-        .order_by("seq")
-        .values_list("seq", flat=True)
-    )
-    assert seqs == stored and len(stored) == 2
+    # then the reply went on and was stored whole
+    assert LONG_TEXT[:40] in done["text"] and done["seq"] == asked["seq"] + 1
+    stored_reply = Message.objects.get(pk=reply_id)
+    assert (stored_reply.status, stored_reply.text) == ("complete", done["text"])
+    # and every stored turn after that seq reached the new socket exactly once, in
+    # order, and nothing before it
+    stored = stored_turns(first.conversation, after_seq=seen)
+    assert stored == [asked["seq"], asked["seq"] + 1]
+    seqs = [e["seq"] for e in again.events() if e["type"] in TURN_TYPES and e["seq"] is not None]
+    assert seqs == stored, seqs
+    assert [e["seq"] for e in again.events("transcript.final")] == [asked["seq"]]
+    assert_no_error(first, again)
 
 
 def test_a_turn_whose_socket_dropped_before_its_final_is_still_answered(talker):
@@ -247,6 +276,7 @@ def test_a_turn_whose_socket_dropped_before_its_final_is_still_answered(talker):
         ).count()
         == 1
     )
+    assert_no_error(first, again)
 
 
 def test_stop_from_a_reconnected_socket_interrupts_the_reply(talker):
@@ -259,6 +289,7 @@ def test_stop_from_a_reconnected_socket_interrupts_the_reply(talker):
     again.send_json({"type": "interrupt"})
     stopped = again.wait_for(lambda e: e["type"] == "reply.interrupted").event
     assert Message.objects.get(pk=stopped["reply_id"]).status == "interrupted"
+    assert_no_error(first, again)
 
 
 def test_two_sessions_each_get_only_their_own_events(talker):
@@ -272,6 +303,7 @@ def test_two_sessions_each_get_only_their_own_events(talker):
     assert "bananas" not in " ".join(e.get("text", "") for e in alice.events())
     assert "apples" not in " ".join(e.get("text", "") for e in bob.events())
     assert b["reply_id"] not in {e.get("reply_id") for e in alice.events()}
+    assert_no_error(alice, bob)
 
 
 def test_persona_voice_switch_takes_effect_on_the_next_turn(talker):
@@ -315,3 +347,150 @@ def test_persona_voice_switch_takes_effect_on_the_next_turn(talker):
     assert changed.status_code == 302, changed.content[:500]
 
     assert reply_engine() == "espeak"
+    assert_no_error(client)
+
+
+# --- Quota, audio.end, disconnects, several sockets -------------------------------------
+
+
+def test_speaking_over_the_audio_quota_is_refused_before_the_utterance_starts(talker):
+    # given a user whose speaking seconds are used up
+    client = talker("ada")
+    User.objects.filter(pk=client.user.pk).update(audio_seconds_quota=60, audio_seconds_used=60)
+
+    # when they speak
+    events = speak(client, pcm_of("speechbrain_spk1_snt1.wav"))
+    ping(client)
+
+    # then they are told why, and the utterance never opened: nothing heard, stored or answered
+    errors = [e for e in events if e["type"] == "error"]
+    assert errors, [e["type"] for e in events]
+    assert {e["code"] for e in errors} == {"quota_exceeded"}
+    assert "speaking" in errors[0]["message"] and not errors[0].get("fatal")
+    types = {e["type"] for e in events}
+    assert not types & {"speech.start", "speech.end", "transcript.partial", "transcript.final"}
+    assert not types & {"transcript.empty", "reply.delta", "reply.done"}
+    assert not TranscriptSegment.objects.filter(conversation=client.conversation).exists()
+    assert list(
+        Message.objects.filter(conversation=client.conversation).values_list("seq", flat=True)
+    ) == [1]
+    assert not client.closed.is_set()
+
+    # and once staff lift the quota, the same socket is heard again
+    User.objects.filter(pk=client.user.pk).update(audio_seconds_quota=0)  # 0: unlimited
+    after = len(client.received)
+    events = speak(client, pcm_of("speechbrain_spk1_snt1.wav"))
+    assert [e["type"] for e in events].count("transcript.final") == 1
+    assert "error" not in [r.event["type"] for r in client.received[after:]]
+
+
+def test_audio_end_closes_the_utterance_and_its_final_arrives(talker):
+    # given speech streamed up to its last word, with no silence after it (no pause in
+    # it either, so the server has no reason of its own to end the utterance)
+    client = talker("ada")
+    clip = "speechbrain_spk1_snt3.wav"  # "AT THAT HIGH LEVEL THE AIR IS PURE"
+    after = len(client.received)
+    client.stream(pcm_of(clip))
+
+    # when the client ends the utterance (push-to-talk released, microphone muted)
+    client.send_json({"type": "audio.end"})
+
+    # then the utterance ends at once, for the client's reason, and is transcribed
+    end = client.wait_for(lambda e: e["type"] == "speech.end", after=after).event
+    final = client.wait_for(
+        lambda e: e["type"] == "transcript.final", after=after, timeout=60
+    ).event
+    client.wait_for(lambda e: e["type"] == "reply.done", after=after, timeout=60)
+    client.wait_quiet(quiet=1.5)
+    starts = client.events("speech.start")
+    assert [s["utterance_id"] for s in starts] == [end["utterance_id"]]
+    assert end["reason"] == "client"
+    assert (final["utterance_id"], final["source"]) == (end["utterance_id"], "voice")
+    reference = manifest()[clip]["reference_transcript"]
+    assert word_error_rate([reference], [final["text"]]) < 0.35, final["text"]
+    segment = TranscriptSegment.objects.get(
+        conversation=client.conversation, utterance_id=end["utterance_id"]
+    )
+    assert (segment.text, segment.seq) == (final["text"], final["seq"])
+    assert_no_error(client)
+
+
+def test_a_socket_dropped_mid_utterance_keeps_what_was_said(talker):
+    # given a socket that streams the start of a sentence ...
+    first = talker("ada")
+    after = len(first.received)
+    first.stream(
+        pcm_of("faster-whisper_jfk.wav")[: int(2.5 * BYTES_PER_S)]
+    )  # "And so my fellow Americans"
+    first.wait_for(lambda e: e["type"] == "speech.start", after=after)
+
+    # ... when it closes while the user is still speaking
+    first.close()
+    assert "speech.end" not in [r.event["type"] for r in first.received[after:]]
+
+    # then the words said so far are transcribed and stored all the same
+    segment = wait_until(
+        lambda: (
+            TranscriptSegment.objects.filter(conversation=first.conversation)
+            .select_related("message")
+            .first()
+        ),
+        timeout=60,
+    )
+    assert "fellow americans" in normalize(segment.text), segment.text
+    assert (segment.message.role, segment.message.source) == ("user", "voice")
+
+    # and another socket that resumes gets that turn, once, and the reply to it
+    again = talker(user=first.user, conversation=first.conversation, resume_from=1)
+    done = again.wait_for(
+        lambda e: e["type"] == "reply.done" and e["seq"] > segment.seq, timeout=60
+    ).event
+    again.wait_quiet(quiet=2.0)
+    finals = again.events("transcript.final")
+    assert [(f["seq"], f["text"], f["utterance_id"]) for f in finals] == [
+        (segment.seq, segment.text, segment.utterance_id)
+    ]
+    assert finals[0]["message_id"] == str(segment.message_id)
+    assert normalize(segment.text) in normalize(done["text"])  # the echo stand-in repeats it
+    assert (
+        Message.objects.filter(
+            conversation=first.conversation, role="assistant", source="llm"
+        ).count()
+        == 1
+    )
+    assert_no_error(again)
+
+
+def test_two_sockets_on_one_conversation_get_one_reply_per_spoken_turn(talker):
+    # given two sockets on one conversation (two tabs)
+    speaker = talker("ada")
+    listener = talker(user=speaker.user, conversation=speaker.conversation, resume_from=1)
+    listened = len(listener.received)
+
+    # when the user speaks into one of them
+    events = speak(speaker, pcm_of("speechbrain_spk1_snt4.wav"))
+
+    # then both sockets get the turn's final transcript
+    [final] = [e for e in events if e["type"] == "transcript.final"]
+    heard = listener.wait_for(lambda e: e["type"] == "transcript.final", after=listened)
+    for field in ("seq", "text", "message_id", "utterance_id", "source"):
+        assert heard.event[field] == final[field], field
+    # and, once the listener's own chance to claim the turn is long past (1.5 s after
+    # its final, section 7 of the protocol), exactly one reply was made, and both saw it
+    listener.wait_for(lambda e: e["type"] == "reply.done" and e["seq"] > final["seq"], timeout=60)
+    time.sleep(max(0.0, heard.t + 4.0 - listener.now()))
+    speaker.wait_quiet(quiet=1.5)
+    listener.wait_quiet(quiet=1.5)
+    [reply] = Message.objects.filter(
+        conversation=speaker.conversation, role="assistant", seq__gt=final["seq"]
+    )
+    assert (reply.seq, reply.status) == (final["seq"] + 1, "complete")
+    for client in (speaker, listener):
+        done = [e for e in client.events("reply.done") if e["seq"] > final["seq"]]
+        assert [(d["reply_id"], d["seq"]) for d in done] == [(str(reply.id), reply.seq)]
+        assert {e["reply_id"] for e in client.events("reply.delta")} == {str(reply.id)}
+        finals = [e["seq"] for e in client.events("transcript.final")]
+        assert finals == [final["seq"]]
+    # and only the speaking socket got the speech events
+    assert listener.events("speech.start") == [] and listener.events("speech.end") == []
+    assert_no_error(speaker, listener)

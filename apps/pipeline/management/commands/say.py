@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from apps.pipeline.audio import text_say_to_wav
+from apps.pipeline.files import text_say_to_wav
 from apps.pipeline.providers.base import ProviderError
 
 

@@ -2,7 +2,7 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from apps.pipeline.audio import file_transcribe
+from apps.pipeline.files import file_transcribe
 from apps.pipeline.providers.base import ProviderError
 
 

@@ -1,0 +1,69 @@
+"""enqueue never blocks its caller: with a broker, one publisher thread per
+process publishes; a publish that fails is reported to the caller's loop."""
+
+import asyncio
+import threading
+import uuid
+
+import redis
+from celery import Celery
+from django.conf import settings as django_settings
+
+from apps.pipeline import dispatch
+from tests.live import free_port
+
+
+def _noop(**kwargs) -> None:
+    pass
+
+
+def _app(broker: str) -> Celery:
+    app = Celery(f"dispatch-test-{uuid.uuid4().hex[:6]}", broker=broker, set_as_current=False)
+    app.conf.broker_connection_timeout = 0.5
+    return app
+
+
+async def test_a_dead_broker_is_reported_on_the_callers_loop(settings):
+    settings.CELERY_BROKER_URL = f"redis://127.0.0.1:{free_port()}/0"
+    task = _app(settings.CELERY_BROKER_URL).task(name="t.dead")(_noop)
+    reported = asyncio.Event()
+    seen: dict = {}
+
+    def on_error(exc: Exception) -> None:
+        seen["thread"] = threading.current_thread()
+        seen["error"] = exc
+        reported.set()
+
+    dispatch.enqueue(task, queue="nowhere", on_error=on_error, x=1)
+    assert not reported.is_set()  # enqueue returned before any publish was tried out
+
+    await asyncio.wait_for(reported.wait(), 30)
+    assert seen["thread"] is threading.main_thread()  # called on the loop's thread
+    assert seen["error"] is not None
+
+
+async def test_a_task_reaches_its_queue_without_a_result_subscription(services_mode, settings):
+    if not services_mode:
+        # embedded defaults: no broker, the task runs on an in-process worker thread
+        ran = threading.Event()
+        settings.CELERY_BROKER_URL = ""
+
+        def run(**kwargs):
+            ran.set()
+
+        task = _app("memory://").task(name="t.local")(run)
+        dispatch.enqueue(task, queue="local", x=1)
+        assert ran.wait(10)
+        return
+    queue = f"test-dispatch-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(django_settings.CELERY_BROKER_URL)
+    from config.celery import app
+
+    task = app.task(name=f"t.{queue}")(_noop)
+    dispatch.enqueue(task, queue=queue, expires=5, x=1)
+    for _ in range(100):
+        if client.llen(queue):
+            break
+        await asyncio.sleep(0.05)
+    assert client.llen(queue) == 1
+    client.delete(queue)

@@ -1,0 +1,218 @@
+"""The web process's live state, written in batches.
+
+Frames never wait for the store: each open utterance keeps all of its audio
+in process memory (at most VAD_MAX_UTTERANCE_MS, 640 kB at 20 s) and one
+writer per process sends what is new for every open utterance in one
+pipeline, every AUDIO_FLUSH_MS, and at once when an STT job needs its audio
+(the job is enqueued only after the store holds it). The same batch records
+each open utterance and streaming reply with the process that owns it, and
+the process's heartbeat (`live:owner:<owner>`, in the `live:owners` set), so
+that another process can tell what a dead one left behind.
+
+A failed write loses nothing: the audio stays in memory and goes with the
+next batch; a store that lost an utterance's key (a Redis restart) gets the
+whole buffer again. Each utterance's owner hears of a failure once per
+streak, through its `on_error`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from django.conf import settings
+
+from apps.pipeline.audio_store import Batch, MemoryAudioStore, RedisAudioStore, audio_store
+
+log = logging.getLogger(__name__)
+
+OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def utterance_record_key(utterance_id: str) -> str:
+    return f"live:utterance:{utterance_id}"
+
+
+def reply_record_key(reply_id: str) -> str:
+    return f"live:reply:{reply_id}"
+
+
+def owned_key(owner: str) -> str:
+    return f"live:owned:{owner}"
+
+
+@dataclass(eq=False)
+class OpenAudio:
+    """One open utterance's audio: all of it, and how much the store holds."""
+
+    key: str
+    record_key: str
+    on_error: Callable[[Exception], None]
+    pcm: bytearray = field(default_factory=bytearray)
+    stored: int = 0  # bytes the store holds
+    writing: int = 0  # bytes in the batch being written
+    rewrite: bool = False  # the store lost the key: send it all again
+    waiters: list[tuple[int, Callable[[], None]]] = field(default_factory=list)
+    failing: bool = False
+
+
+class LiveWriter:
+    """One per process (per event loop); `live_writer()` returns it."""
+
+    def __init__(self, store: MemoryAudioStore | RedisAudioStore, *, owner: str = OWNER) -> None:
+        self.store = store
+        self.owner = owner
+        self.audio: dict[str, OpenAudio] = {}  # by utterance id
+        self.records: dict[str, dict[str, str]] = {}  # dirty live records
+        self.removed: list[str] = []
+        self.flags: list[tuple[str, int]] = []
+        self.heartbeat_at = 0.0
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task | None = None
+        self.failures = 0
+
+    # --- what sockets call (all sync: no frame waits) --------------------------
+
+    def audio_open(
+        self, *, key: str, utterance_id: str, record: dict[str, str], on_error
+    ) -> OpenAudio:
+        audio = OpenAudio(key=key, record_key=utterance_record_key(utterance_id), on_error=on_error)
+        self.audio[utterance_id] = audio
+        self.records[audio.record_key] = {**record, "owner": self.owner, "state": "open"}
+        self._start()
+        return audio
+
+    def audio_append(self, audio: OpenAudio, data: bytes) -> int:
+        audio.pcm += data
+        return len(audio.pcm)
+
+    def audio_end(self, utterance_id: str, record: dict[str, str]) -> None:
+        """Speech ended: no more audio; the record stays until the final is known."""
+        audio = self.audio.get(utterance_id)
+        if audio is not None:
+            self.records[audio.record_key] = {**record, "state": "ended"}
+
+    def audio_forget(self, utterance_id: str) -> None:
+        """The utterance's final (or empty) transcript is stored: nothing left to recover."""
+        audio = self.audio.pop(utterance_id, None)
+        if audio is not None:
+            self.records.pop(audio.record_key, None)
+            self.removed.append(audio.record_key)
+
+    def when_stored(self, audio: OpenAudio, then: Callable[[], None]) -> None:
+        """Call `then` once the store holds every byte of `audio` so far."""
+        if audio.stored >= len(audio.pcm) and not audio.rewrite:
+            then()
+            return
+        audio.waiters.append((len(audio.pcm), then))
+        self.wake.set()
+
+    def reply_open(self, *, reply_id: str, conversation_id: str) -> None:
+        self.records[reply_record_key(reply_id)] = {
+            "conversation": conversation_id,
+            "owner": self.owner,
+            "started_at": str(time.time()),
+        }
+        self._start()
+
+    def reply_close(self, reply_id: str) -> None:
+        key = reply_record_key(reply_id)
+        self.records.pop(key, None)
+        self.removed.append(key)
+
+    def flag(self, key: str, ttl: int) -> None:
+        self.flags.append((key, ttl))
+
+    # --- the writer ------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self.run(), name="live-writer")
+
+    async def run(self) -> None:
+        interval = settings.AUDIO_FLUSH_MS / 1000
+        while True:
+            try:
+                await asyncio.wait_for(self.wake.wait(), interval * (1 + min(self.failures, 9)))
+            except TimeoutError:
+                pass
+            self.wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        batch = self._batch()
+        if not batch:
+            return
+        try:
+            lengths = await self.store.write_batch(batch)
+        except Exception as exc:  # the store is down: keep everything, try again
+            self._failed(batch, exc)
+            return
+        self._written(lengths)
+
+    def _batch(self) -> Batch:
+        batch = Batch(owner=self.owner, owner_ttl=int(3 * settings.LIVE_HEARTBEAT_S) + 1)
+        for audio in self.audio.values():
+            if audio.rewrite:
+                audio.writing = len(audio.pcm)
+                batch.rewrites.append((audio.key, bytes(audio.pcm)))
+            elif len(audio.pcm) > audio.stored:
+                audio.writing = len(audio.pcm)
+                batch.appends.append((audio.key, bytes(audio.pcm[audio.stored :])))
+        batch.records, self.records = self.records, {}
+        batch.removed, self.removed = self.removed, []
+        batch.flags, self.flags = self.flags, []
+        due = time.monotonic() - self.heartbeat_at >= settings.LIVE_HEARTBEAT_S
+        batch.heartbeat = due or bool(batch.records)
+        return batch
+
+    def _written(self, lengths: list[int]) -> None:
+        self.heartbeat_at = time.monotonic()
+        self.failures = 0
+        appended = iter(lengths)
+        for audio in list(self.audio.values()):
+            if not audio.writing:
+                continue
+            if audio.rewrite:
+                audio.rewrite = False
+            elif next(appended) != audio.writing:  # the key was lost: send it all again
+                audio.rewrite, audio.writing = True, 0
+                self.wake.set()
+                continue
+            audio.stored, audio.writing = audio.writing, 0
+            audio.failing = False
+            ready = [then for end, then in audio.waiters if end <= audio.stored]
+            audio.waiters = [(end, then) for end, then in audio.waiters if end > audio.stored]
+            for then in ready:
+                then()
+
+    def _failed(self, batch: Batch, exc: Exception) -> None:
+        self.failures += 1
+        if self.failures == 1:
+            log.warning("live state write failed (%s); keeping it in memory", exc)
+        self.records = {**batch.records, **self.records}
+        self.removed = batch.removed + self.removed
+        self.flags = batch.flags + self.flags
+        for audio in self.audio.values():
+            audio.writing = 0
+            if not audio.failing:
+                audio.failing = True
+                audio.on_error(exc)
+
+
+_writers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def live_writer() -> LiveWriter:
+    """The running loop's writer (one per web process)."""
+    loop = asyncio.get_running_loop()
+    writer = _writers.get(loop)
+    if writer is None:
+        writer = _writers[loop] = LiveWriter(audio_store())
+    return writer
