@@ -269,7 +269,10 @@ QUOTA_REFRESH_S = env_float("QUOTA_REFRESH_S", 30.0)  # a socket re-reads the us
 LOOP_GUARD_MS = env_int("LOOP_GUARD_MS", 0)
 
 # Socket limits (see docs/protocol.md)
-AUDIO_FRAME_MAX_BYTES = 3200  # 100 ms of PCM16 16 kHz mono
+# The longest binary frame, in ms of PCM16 16 kHz mono (32 bytes a ms); `ready`
+# tells clients. 100 ms frames are what clients send; up to 200 ms are taken.
+AUDIO_FRAME_MAX_MS = env_int("AUDIO_FRAME_MAX_MS", 200)
+AUDIO_FRAME_MAX_BYTES = AUDIO_FRAME_MAX_MS * 32
 AUDIO_RATE_BURST_S = env_float("AUDIO_RATE_BURST_S", 5.0)  # a network stall, caught up
 AUDIO_RATE_FACTOR = env_float("AUDIO_RATE_FACTOR", 1.5)  # x real time, sustained
 WS_TEXT_MAX_BYTES = env_int("WS_TEXT_MAX_BYTES", 16_384)

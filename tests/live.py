@@ -272,6 +272,8 @@ def start_worker(env: dict, timeout_s: float = 90.0, concurrency: int = 2) -> Li
     from config.celery import app
 
     broker_url = env.get("CELERY_BROKER_URL") or None
+    if broker_url == app.conf.broker_url:
+        broker_url = None
     nodename = f"parley-test-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
     command = _command(
         "celery", "-A", "config", "worker", "-Q", QUEUES, "-c", str(concurrency),
@@ -284,12 +286,25 @@ def start_worker(env: dict, timeout_s: float = 90.0, concurrency: int = 2) -> Li
 
     def answers() -> bool:
         try:
-            with app.connection_for_write(broker_url) as connection:
-                return bool(
-                    app.control.ping(destination=[nodename], timeout=1.0, connection=connection)
-                )
+            if broker_url is None:
+                return bool(app.control.ping(destination=[nodename], timeout=1.0))
+            return _ping_through(broker_url, nodename)
         except Exception:  # the broker may refuse while starting
             return False
 
     _wait_until(answers, worker, f"Celery worker {nodename}", timeout_s)
     return worker
+
+
+def _ping_through(broker_url: str, nodename: str) -> bool:
+    """Ping a worker through another broker than this process's app uses. (The app's
+    control.ping publishes through the app's own producer pool whatever connection it
+    is given, and Celery lets CELERY_BROKER_URL from the environment override any
+    broker an app is built with; so kombu's pidbox mailbox, as Celery's, directly.)"""
+    from kombu import Connection
+    from kombu.pidbox import Mailbox
+
+    with Connection(broker_url, connect_timeout=2) as connection:
+        mailbox = Mailbox("celery", type="fanout", accept=["json"])(connection)
+        replies = mailbox._broadcast("ping", destination=[nodename], reply=True, timeout=1.0)
+    return any(nodename in reply for reply in replies or [])

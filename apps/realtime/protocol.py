@@ -76,7 +76,8 @@ def check_audio_frame(data: bytes) -> None:
     if len(data) > settings.AUDIO_FRAME_MAX_BYTES:
         raise ProtocolError(
             "audio_frame_too_large",
-            f"Audio frames carry at most 100 ms ({settings.AUDIO_FRAME_MAX_BYTES} bytes); "
+            f"Audio frames carry at most {settings.AUDIO_FRAME_MAX_MS} ms "
+            f"({settings.AUDIO_FRAME_MAX_BYTES} bytes); "
             f"this one had {len(data)}.",
         )
     if data[:4] in (b"RIFF", b"OggS", b"fLaC", b"\x1aE\xdf\xa3") or data[:3] == b"ID3":

@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from uuid import UUID
 
-from channels.layers import get_channel_layer
+from channels import DEFAULT_CHANNEL_LAYER
+from channels.layers import InMemoryChannelLayer, channel_layers, get_channel_layer
 
 from apps.pipeline.services import (
     ReplyState,
@@ -51,9 +52,17 @@ class ReplyRunner:
         self.running: dict[str, list[RunningReply]] = {}
         self.channel = ""
         self.listener: asyncio.Task | None = None
+        # A layer object of its own: channels_redis shares one receive lock among
+        # a layer's receivers, and a second long-lived receiver on the sockets'
+        # layer stalled their inbox (seen in services mode). The in-memory layer
+        # keeps its groups in the object, so it is shared.
+        layer = get_channel_layer()
+        if not isinstance(layer, InMemoryChannelLayer):
+            layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
+        self.layer = layer
 
     async def start(self, *, conversation_id: str, live: LiveWriter, on_begin) -> RunningReply:
-        layer = get_channel_layer()
+        layer = self.layer
         if not self.channel:
             self.channel = await layer.new_channel("replies.")
             self.listener = asyncio.get_running_loop().create_task(self.listen())
@@ -88,10 +97,10 @@ class ReplyRunner:
             if not replies:
                 del self.running[reply.conversation_id]
                 group = group_name(reply.conversation_id)
-                await get_channel_layer().group_discard(group, self.channel)
+                await self.layer.group_discard(group, self.channel)
 
     async def listen(self) -> None:
-        layer = get_channel_layer()
+        layer = self.layer
         while True:
             message = await layer.receive(self.channel)
             if message.get("type") != "reply.stop":

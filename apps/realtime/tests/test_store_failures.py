@@ -1,0 +1,110 @@
+"""A real Redis failure under a live socket: the audio store of a Daphne of
+this test's own is a Redis server of this test's own, stopped while the user
+speaks and started again. The socket stays open, the client hears a
+documented error, the utterance's audio (kept in the web process) is written
+again, its final arrives, and the next turn works."""
+
+import subprocess
+import time
+
+import pytest
+import redis
+
+from apps.personas.tests.factories import PersonaFactory
+from tests import live
+from tests.audio import pcm_of
+
+from .conftest import socket_opener
+
+CLIP = "deepspeech_LDC93S1.wav"
+SILENCE = bytes(64_000)  # 2 s
+
+
+def start_redis(port: int) -> subprocess.Popen:
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            if client.ping():
+                return process
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError("our Redis did not start")
+
+
+def start_worker(env: dict) -> live.LiveWorker:
+    """A Celery worker on this test's own broker; ready when its log says so."""
+    command = live._command(
+        "celery", "-A", "config", "worker", "-Q", live.QUEUES, "-c", "1", "--pool", "prefork",
+        "-n", f"store-failure-{time.time_ns()}@localhost", "--without-gossip",
+        "--without-mingle", "--loglevel", "INFO",
+    )  # fmt: skip
+    proc = live._spawn(command, env, f"celery-store-failure-{time.time_ns()}.log")
+    worker = live.LiveWorker(process=proc.process, log_path=proc.log_path, log_file=proc.log_file)
+    live._wait_until(lambda: " ready." in worker.log_tail(200), worker, "Celery worker", 90)
+    return worker
+
+
+@pytest.fixture
+def own_redis():
+    port = live.free_port()
+    holder = {"port": port, "process": start_redis(port)}
+    yield holder
+    holder["process"].terminate()
+    holder["process"].wait(10)
+
+
+def test_a_redis_restart_mid_utterance_keeps_the_socket_and_the_audio(
+    transactional_db, live_env, services_mode, own_redis
+):
+    store = f"redis://127.0.0.1:{own_redis['port']}/0"
+    env = {**live_env, "AUDIO_STORE_URL": store, "STT_PARTIAL_EVERY_MS": "600000"}
+    worker = None
+    if services_mode:  # a worker that reads this store, on a broker database of its own
+        env["CELERY_BROKER_URL"] = live_env["REDIS_URL"].rsplit("/", 1)[0] + "/11"
+        redis.Redis.from_url(env["CELERY_BROKER_URL"]).flushdb()
+        worker = start_worker(env)
+    server = live.start_daphne(env)
+    clients: list = []
+    try:
+        PersonaFactory(slug="store-failure", llm_kind="echo", tts_kind="espeak")
+        client = socket_opener(server, clients)("store-failure")
+        pcm = pcm_of(CLIP)
+        half = len(pcm) // 2 // 3200 * 3200
+
+        # when Redis goes away while the user speaks
+        client.stream(pcm[:half])
+        own_redis["process"].kill()
+        own_redis["process"].wait(10)
+        client.stream(pcm[half:])
+        error = client.wait_for(lambda e: e["type"] == "error", timeout=30).event
+
+        # then the client hears a documented code and the socket stays open
+        assert error["code"] == "store_unavailable"
+        client.send_json({"type": "ping", "t": "still-there"})
+        client.wait_for(lambda e: e["type"] == "pong" and e["t"] == "still-there", timeout=10)
+
+        # and once Redis is back, the utterance's audio is written again and transcribed
+        own_redis["process"] = start_redis(own_redis["port"])
+        client.stream(SILENCE)
+        final = client.wait_for(lambda e: e["type"] == "transcript.final", timeout=90).event
+        assert "wash water" in final["text"].lower()
+
+        # and the next turn works
+        after = len(client.received)
+        client.stream(pcm + SILENCE)
+        again = client.wait_for(
+            lambda e: e["type"] == "transcript.final", timeout=90, after=after
+        ).event
+        assert "wash water" in again["text"].lower()
+        assert client.close_code is None and not client.closed.is_set()
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+        if worker is not None:
+            worker.stop()
