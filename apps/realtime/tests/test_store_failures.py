@@ -108,3 +108,48 @@ def test_a_redis_restart_mid_utterance_keeps_the_socket_and_the_audio(
         server.stop()
         if worker is not None:
             worker.stop()
+
+
+def test_a_dead_broker_keeps_the_socket_and_the_next_turn_works(
+    transactional_db, live_env, services_mode
+):
+    # given a Daphne whose broker is a Redis server that is not there yet
+    port = live.free_port()
+    broker = f"redis://127.0.0.1:{port}/0"
+    server = live.start_daphne({**live_env, "CELERY_BROKER_URL": broker})
+    clients: list = []
+    redis_process = worker = None
+    try:
+        PersonaFactory(slug="broker-failure", llm_kind="echo", tts_kind="espeak")
+        client = socket_opener(server, clients)("broker-failure")
+        pcm = pcm_of(CLIP)
+
+        # when the user speaks, the STT jobs cannot be enqueued
+        client.stream(pcm + SILENCE)
+        error = client.wait_for(lambda e: e["type"] == "error", timeout=60).event
+
+        # then the client hears so, and the socket stays open and usable
+        assert error["code"] == "stt_unavailable"
+        client.send_json({"type": "text", "text": "are you there"})
+        done = client.wait_for(lambda e: e["type"] == "reply.done" and e["seq"] > 1, timeout=60)
+        assert "are you there" in done.event["text"]
+        assert client.close_code is None and not client.closed.is_set()
+
+        if services_mode:  # and once the broker is back (with a worker), speech works again
+            redis_process = start_redis(port)
+            worker = start_worker({**live_env, "CELERY_BROKER_URL": broker})
+            after = len(client.received)
+            client.stream(pcm + SILENCE)
+            final = client.wait_for(
+                lambda e: e["type"] == "transcript.final", timeout=90, after=after
+            ).event
+            assert "wash water" in final["text"].lower()
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+        if worker is not None:
+            worker.stop()
+        if redis_process is not None:
+            redis_process.terminate()
+            redis_process.wait(10)
