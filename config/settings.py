@@ -260,6 +260,9 @@ OPENAI_BASE_URL = env_str("OPENAI_BASE_URL") or LLM_BASE_URL
 # an STT job needs it), with the owner's heartbeat every LIVE_HEARTBEAT_S.
 AUDIO_FLUSH_MS = env_int("AUDIO_FLUSH_MS", 100)
 LIVE_HEARTBEAT_S = env_float("LIVE_HEARTBEAT_S", 2.0)
+# An ended utterance's audio stays in the process (besides Redis) until its final
+# is known, or this long after it is all stored.
+LIVE_AUDIO_KEEP_S = env_float("LIVE_AUDIO_KEEP_S", 10.0)
 # One bounded async Redis pool per process: a burst waits for a connection.
 REDIS_POOL_MAX = env_int("REDIS_POOL_MAX", 32)
 REDIS_POOL_TIMEOUT_S = env_float("REDIS_POOL_TIMEOUT_S", 2.0)

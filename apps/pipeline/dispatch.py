@@ -3,10 +3,12 @@ broker configured (embedded defaults), run it on an in-process worker thread
 of that queue. Either way the caller gets on at once; results come back
 through the channel layer.
 
-With a broker, `enqueue` puts the task on an in-process queue that one
-publisher thread per process drains into the broker (kombu's producer is
-synchronous: on the event loop every publish would block it). A publish that
-still fails after kombu's bounded retries is reported to the caller's
+With a Redis broker, a caller on an event loop (the web process) has the
+task's message written from the loop itself, batched (broker.py). Any other
+caller, or another broker, puts the task on an in-process queue that one
+publisher thread per process drains into the broker with kombu (its producer
+is synchronous: on the event loop every publish would block it). A publish
+that still fails after bounded retries is reported to the caller's
 `on_error`, called on the caller's event loop, so the socket can tell its
 client. Tasks ignore results: nothing subscribes to a result backend."""
 
@@ -24,6 +26,8 @@ from typing import Any
 
 from django.conf import settings
 from django.db import close_old_connections
+
+from .broker import Pending, async_producer, task_message, writes_natively
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +134,11 @@ def enqueue(
         loop = None
     if not settings.CELERY_BROKER_URL:
         _executor(queue_name).submit(_run_in_thread, task, kwargs)
+        return
+    if loop is not None and writes_natively(settings.CELERY_BROKER_URL):
+        message = task_message(task_name=task.name, kwargs=kwargs, queue=queue_name,
+                               expires=expires)  # fmt: skip
+        async_producer().put(Pending(queue_name, message, on_error))
         return
     job = _Job(task, queue_name, kwargs, expires, on_error, loop)
     try:

@@ -93,10 +93,24 @@ class LiveWriter:
         return len(audio.pcm)
 
     def audio_end(self, utterance_id: str, record: dict[str, str]) -> None:
-        """Speech ended: no more audio; the record stays until the final is known."""
+        """Speech ended: no more audio; the record stays until the final is known.
+        The audio stays in memory too, in case the store loses it before then,
+        for LIVE_AUDIO_KEEP_S at most once the store holds all of it."""
         audio = self.audio.get(utterance_id)
         if audio is not None:
             self.records[audio.record_key] = {**record, "state": "ended"}
+            asyncio.get_running_loop().call_later(
+                settings.LIVE_AUDIO_KEEP_S, self._release, utterance_id
+            )
+
+    def _release(self, utterance_id: str) -> None:
+        audio = self.audio.get(utterance_id)
+        if audio is None:
+            return
+        if audio.stored < len(audio.pcm) or audio.waiters or audio.rewrite:  # not stored yet
+            asyncio.get_running_loop().call_later(1.0, self._release, utterance_id)
+            return
+        audio.pcm, audio.stored = bytearray(), 0
 
     def audio_forget(self, utterance_id: str) -> None:
         """The utterance's final (or empty) transcript is stored: nothing left to recover."""

@@ -2,6 +2,7 @@
 process publishes; a publish that fails is reported to the caller's loop."""
 
 import asyncio
+import json
 import threading
 import uuid
 
@@ -67,3 +68,37 @@ async def test_a_task_reaches_its_queue_without_a_result_subscription(services_m
         await asyncio.sleep(0.05)
     assert client.llen(queue) == 1
     client.delete(queue)
+
+
+def test_the_native_message_is_the_one_kombu_writes(settings):
+    """The envelope broker.task_message writes is kombu's for the same call
+    (memory transport: the same virtual channel as Redis's, before LPUSH)."""
+    from kombu.transport import memory
+
+    from apps.pipeline.broker import task_message
+
+    app = Celery(f"envelope-{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.task_time_limit = settings.CELERY_TASK_TIME_LIMIT
+    queue = f"envelope-{uuid.uuid4().hex[:6]}"
+    kwargs = {"conversation_id": "c", "utterance_id": "u", "end_byte": 3200, "purpose": "partial"}
+    app.task(name="apps.pipeline.tasks.transcribe_window_task")(_noop).apply_async(
+        kwargs=kwargs, queue=queue, expires=3.0, ignore_result=True
+    )
+    theirs = memory.Channel.queues.pop(queue).get_nowait()
+    ours = json.loads(task_message(task_name="apps.pipeline.tasks.transcribe_window_task",
+                                   kwargs=kwargs, queue=queue, expires=3.0))  # fmt: skip
+
+    varying = {"id", "root_id", "correlation_id", "delivery_tag", "origin", "reply_to", "expires"}
+
+    def fixed(message: dict) -> dict:
+        return {
+            **{k: v for k, v in message.items() if k not in ("headers", "properties")},
+            "headers": {k: v for k, v in message["headers"].items() if k not in varying},
+            "properties": {k: v for k, v in message["properties"].items() if k not in varying},
+        }
+
+    assert fixed(ours) == fixed(theirs)
+    assert (
+        ours["headers"]["id"] == ours["headers"]["root_id"] == ours["properties"]["correlation_id"]
+    )
+    assert ours["headers"]["expires"][:16] == theirs["headers"]["expires"][:16]  # to the minute

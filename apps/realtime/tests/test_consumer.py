@@ -507,8 +507,11 @@ async def test_without_a_candidate_in_time_a_fresh_final_is_queued(conversation,
     settings.STT_CANDIDATE_WAIT_S = 0.2
     with mock.patch("apps.realtime.speech.enqueue") as enqueue:
         communicator, *_ = await speak_sentence(conversation, connect, settings, enqueue)
-        await asyncio.sleep(0.5)
-        purposes = [call.kwargs["purpose"] for call in enqueue.call_args_list]
+        for _ in range(50):  # the candidate wait (0.2 s), then the final once its audio is stored
+            await asyncio.sleep(0.1)
+            purposes = [call.kwargs["purpose"] for call in enqueue.call_args_list]
+            if "final" in purposes:
+                break
         await communicator.disconnect()
     assert purposes[-1] == "final" and purposes.count("final") == 1
 

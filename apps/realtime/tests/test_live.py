@@ -123,3 +123,21 @@ async def test_a_dead_store_loses_nothing_and_tells_the_owner_once(store, settin
     await writer.flush()
     assert ran == [True]
     assert store.read(audio.key) == FRAME * 2
+
+
+async def test_an_ended_utterance_frees_its_memory_once_stored(store, settings):
+    settings.LIVE_AUDIO_KEEP_S = 0.05
+    writer = LiveWriter(store)
+    utterance_id, audio = open_audio(writer)
+    writer.task.cancel()  # this test drives the flushes itself
+    writer.audio_append(audio, FRAME)
+    writer.audio_end(utterance_id, {"end_ms": "100"})
+    await asyncio.sleep(0.1)
+    assert len(audio.pcm) == len(FRAME)  # not stored yet: kept
+
+    await writer.flush()
+    await asyncio.sleep(1.2)
+    assert len(audio.pcm) == 0 and store.read(audio.key) == FRAME
+    ran = []
+    writer.when_stored(audio, lambda: ran.append(True))  # a late final job runs at once
+    assert ran == [True]
