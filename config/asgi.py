@@ -1,5 +1,6 @@
 """HTTP and WebSockets, served by Daphne: `daphne config.asgi:application`."""
 
+import gc
 import os
 
 from django.core.asgi import get_asgi_application
@@ -14,6 +15,14 @@ from channels.security.websocket import OriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 
 from apps.realtime.routing import websocket_urlpatterns  # noqa: E402
+
+# Long-lived objects of start-up (modules, settings, URL resolvers) go out of the
+# collector's reach, and collections of the young generations run less often:
+# with hundreds of sessions a full collection over the whole heap is a pause
+# every socket feels (docs/benchmarks.md, density).
+gc.collect()
+gc.freeze()
+gc.set_threshold(*settings.GC_THRESHOLDS)
 
 if settings.LOOP_GUARD_MS:
     from apps.observability.loopguard import install

@@ -258,7 +258,7 @@ OPENAI_BASE_URL = env_str("OPENAI_BASE_URL") or LLM_BASE_URL
 # Live state (apps/realtime/live.py): open utterances' audio is written to the
 # audio store in one batch per process every AUDIO_FLUSH_MS (and at once when
 # an STT job needs it), with the owner's heartbeat every LIVE_HEARTBEAT_S.
-AUDIO_FLUSH_MS = env_int("AUDIO_FLUSH_MS", 100)
+AUDIO_FLUSH_MS = env_int("AUDIO_FLUSH_MS", 200)
 LIVE_HEARTBEAT_S = env_float("LIVE_HEARTBEAT_S", 2.0)
 # An ended utterance's audio stays in the process (besides Redis) until its final
 # is known, or this long after it is all stored.
@@ -270,6 +270,8 @@ QUOTA_REFRESH_S = env_float("QUOTA_REFRESH_S", 30.0)  # a socket re-reads the us
 # Report event-loop callbacks that block for longer than this (0: off); see
 # apps/observability/loopguard.py. The tests turn it on in every live server.
 LOOP_GUARD_MS = env_int("LOOP_GUARD_MS", 0)
+# The web process's garbage-collector thresholds (Python's default: 700, 10, 10).
+GC_THRESHOLDS = tuple(int(n) for n in env_list("GC_THRESHOLDS", "50000,20,100"))
 
 # Socket limits (see docs/protocol.md)
 # The longest binary frame, in ms of PCM16 16 kHz mono (32 bytes a ms); `ready`

@@ -40,6 +40,7 @@ class Batch:
     removed, and the owner's heartbeat."""
 
     appends: list[tuple[str, bytes]] = field(default_factory=list)
+    expiring: list[str] = field(default_factory=list)  # keys whose TTL is (re)set
     rewrites: list[tuple[str, bytes]] = field(default_factory=list)
     records: dict[str, dict[str, str]] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
@@ -156,6 +157,7 @@ class RedisAudioStore:
         async with self._client().pipeline(transaction=False) as pipe:
             for key, data in batch.appends:
                 pipe.append(key, data)
+            for key in batch.expiring:
                 pipe.expire(key, TTL_SECONDS)
             for key, data in batch.rewrites:
                 pipe.set(key, data, ex=TTL_SECONDS)
@@ -174,7 +176,7 @@ class RedisAudioStore:
                 pipe.set(f"live:owner:{batch.owner}", time.time(), ex=batch.owner_ttl)
                 pipe.sadd("live:owners", batch.owner)
             results = await pipe.execute()
-        return results[: 2 * len(batch.appends) : 2]
+        return results[: len(batch.appends)]
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         # GETRANGE's end is inclusive; -1 is the last byte.

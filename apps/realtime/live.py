@@ -28,11 +28,18 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 
-from apps.pipeline.audio_store import Batch, MemoryAudioStore, RedisAudioStore, audio_store
+from apps.pipeline.audio_store import (
+    TTL_SECONDS,
+    Batch,
+    MemoryAudioStore,
+    RedisAudioStore,
+    audio_store,
+)
 
 log = logging.getLogger(__name__)
 
 OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+EXPIRE_EVERY_S = 30.0  # an open utterance's key gets its TTL again this often
 
 
 def utterance_record_key(utterance_id: str) -> str:
@@ -58,6 +65,7 @@ class OpenAudio:
     stored: int = 0  # bytes the store holds
     writing: int = 0  # bytes in the batch being written
     rewrite: bool = False  # the store lost the key: send it all again
+    expires_set_at: float = 0.0
     waiters: list[tuple[int, Callable[[], None]]] = field(default_factory=list)
     failing: bool = False
 
@@ -69,6 +77,11 @@ class LiveWriter:
         self.store = store
         self.owner = owner
         self.audio: dict[str, OpenAudio] = {}  # by utterance id
+        # ended utterances whose audio left memory, their final not known yet:
+        # utterance id -> (record key, when it left)
+        self.released: dict[str, tuple[str, float]] = {}
+        self.dirty: dict[int, OpenAudio] = {}  # audio with bytes the store lacks
+        self.in_flight: list[OpenAudio] = []  # in the batch being written
         self.records: dict[str, dict[str, str]] = {}  # dirty live records
         self.removed: list[str] = []
         self.flags: list[tuple[str, int]] = []
@@ -76,6 +89,8 @@ class LiveWriter:
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.failures = 0
+        self.heartbeat_s = settings.LIVE_HEARTBEAT_S
+        self.owner_ttl = int(3 * settings.LIVE_HEARTBEAT_S) + 1
 
     # --- what sockets call (all sync: no frame waits) --------------------------
 
@@ -90,6 +105,7 @@ class LiveWriter:
 
     def audio_append(self, audio: OpenAudio, data: bytes) -> int:
         audio.pcm += data
+        self.dirty[id(audio)] = audio
         return len(audio.pcm)
 
     def audio_end(self, utterance_id: str, record: dict[str, str]) -> None:
@@ -110,14 +126,22 @@ class LiveWriter:
         if audio.stored < len(audio.pcm) or audio.waiters or audio.rewrite:  # not stored yet
             asyncio.get_running_loop().call_later(1.0, self._release, utterance_id)
             return
-        audio.pcm, audio.stored = bytearray(), 0
+        audio.pcm, audio.stored = bytearray(), 0  # a late job for it runs at once
+        del self.audio[utterance_id]
+        self.released[utterance_id] = (audio.record_key, time.monotonic())
+        stale = time.monotonic() - TTL_SECONDS  # its live record has expired by now
+        for gone in [u for u, (_, at) in self.released.items() if at < stale]:
+            del self.released[gone]
 
     def audio_forget(self, utterance_id: str) -> None:
         """The utterance's final (or empty) transcript is stored: nothing left to recover."""
         audio = self.audio.pop(utterance_id, None)
-        if audio is not None:
-            self.records.pop(audio.record_key, None)
-            self.removed.append(audio.record_key)
+        record_key = audio.record_key if audio is not None else None
+        if audio is None and utterance_id in self.released:
+            record_key = self.released.pop(utterance_id)[0]
+        if record_key is not None:
+            self.records.pop(record_key, None)
+            self.removed.append(record_key)
 
     def when_stored(self, audio: OpenAudio, then: Callable[[], None]) -> None:
         """Call `then` once the store holds every byte of `audio` so far."""
@@ -171,18 +195,23 @@ class LiveWriter:
         self._written(lengths)
 
     def _batch(self) -> Batch:
-        batch = Batch(owner=self.owner, owner_ttl=int(3 * settings.LIVE_HEARTBEAT_S) + 1)
-        for audio in self.audio.values():
+        batch = Batch(owner=self.owner, owner_ttl=self.owner_ttl)
+        now = time.monotonic()
+        self.in_flight, self.dirty = list(self.dirty.values()), {}
+        for audio in self.in_flight:
             if audio.rewrite:
                 audio.writing = len(audio.pcm)
                 batch.rewrites.append((audio.key, bytes(audio.pcm)))
             elif len(audio.pcm) > audio.stored:
                 audio.writing = len(audio.pcm)
                 batch.appends.append((audio.key, bytes(audio.pcm[audio.stored :])))
+                if not audio.stored or now - audio.expires_set_at > EXPIRE_EVERY_S:
+                    batch.expiring.append(audio.key)  # a TTL once, then now and then
+                    audio.expires_set_at = now
         batch.records, self.records = self.records, {}
         batch.removed, self.removed = self.removed, []
         batch.flags, self.flags = self.flags, []
-        due = time.monotonic() - self.heartbeat_at >= settings.LIVE_HEARTBEAT_S
+        due = now - self.heartbeat_at >= self.heartbeat_s
         batch.heartbeat = due or bool(batch.records)
         return batch
 
@@ -190,13 +219,15 @@ class LiveWriter:
         self.heartbeat_at = time.monotonic()
         self.failures = 0
         appended = iter(lengths)
-        for audio in list(self.audio.values()):
+        written, self.in_flight = self.in_flight, []
+        for audio in written:
             if not audio.writing:
                 continue
             if audio.rewrite:
                 audio.rewrite = False
             elif next(appended) != audio.writing:  # the key was lost: send it all again
                 audio.rewrite, audio.writing = True, 0
+                self.dirty[id(audio)] = audio
                 self.wake.set()
                 continue
             audio.stored, audio.writing = audio.writing, 0
@@ -213,9 +244,12 @@ class LiveWriter:
         self.records = {**batch.records, **self.records}
         self.removed = batch.removed + self.removed
         self.flags = batch.flags + self.flags
-        for audio in self.audio.values():
+        for audio in self.in_flight:
             audio.writing = 0
-            if not audio.failing:
+            self.dirty[id(audio)] = audio
+        self.in_flight = []
+        for audio in self.audio.values():
+            if not audio.failing and audio.stored < len(audio.pcm):
                 audio.failing = True
                 audio.on_error(exc)
 

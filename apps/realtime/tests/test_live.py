@@ -138,6 +138,10 @@ async def test_an_ended_utterance_frees_its_memory_once_stored(store, settings):
     await writer.flush()
     await asyncio.sleep(1.2)
     assert len(audio.pcm) == 0 and store.read(audio.key) == FRAME
+    assert utterance_id not in writer.audio  # flushes no longer look at it
     ran = []
     writer.when_stored(audio, lambda: ran.append(True))  # a late final job runs at once
     assert ran == [True]
+    writer.audio_forget(utterance_id)  # the final came: its live record goes
+    await writer.flush()
+    assert record_of(store, utterance_record_key(utterance_id)) == {}
