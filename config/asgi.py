@@ -23,6 +23,10 @@ from apps.realtime.routing import websocket_urlpatterns  # noqa: E402
 gc.collect()
 gc.freeze()
 gc.set_threshold(*settings.GC_THRESHOLDS)
+if settings.GC_PAUSE_LOG_MS:
+    from apps.observability.loopguard import gc_pauses_log
+
+    gc_pauses_log(settings.GC_PAUSE_LOG_MS)
 
 if settings.LOOP_GUARD_MS:
     from apps.observability.loopguard import install

@@ -272,6 +272,7 @@ QUOTA_REFRESH_S = env_float("QUOTA_REFRESH_S", 30.0)  # a socket re-reads the us
 LOOP_GUARD_MS = env_int("LOOP_GUARD_MS", 0)
 # The web process's garbage-collector thresholds (Python's default: 700, 10, 10).
 GC_THRESHOLDS = tuple(int(n) for n in env_list("GC_THRESHOLDS", "50000,20,100"))
+GC_PAUSE_LOG_MS = env_int("GC_PAUSE_LOG_MS", 50)  # log collections that pause longer (0: off)
 
 # Socket limits (see docs/protocol.md)
 # The longest binary frame, in ms of PCM16 16 kHz mono (32 bytes a ms); `ready`

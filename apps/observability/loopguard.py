@@ -13,6 +13,7 @@ callback; `blocked_total()` counts them."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 import threading
@@ -107,3 +108,22 @@ def install(threshold_ms: float) -> None:
                 _report(handle, cpu_ms, _watch.calls)
 
     asyncio.events.Handle._run = watched_run  # type: ignore[method-assign, assignment]
+
+
+def gc_pauses_log(threshold_ms: float) -> None:
+    """Log a garbage collection that stops the process for longer than `threshold_ms`:
+    every socket of the process waits for it."""
+    started: list[float] = [0.0]
+
+    def observe(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        pause_ms = (time.perf_counter() - started[0]) * 1000
+        if pause_ms > threshold_ms:
+            log.warning(
+                "gc-pause: generation %s took %.0f ms (%s collected, %s uncollectable)",
+                info.get("generation"), pause_ms, info.get("collected"), info.get("uncollectable"),
+            )  # fmt: skip
+
+    gc.callbacks.append(observe)

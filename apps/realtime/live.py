@@ -130,8 +130,11 @@ class LiveWriter:
         del self.audio[utterance_id]
         self.released[utterance_id] = (audio.record_key, time.monotonic())
         stale = time.monotonic() - TTL_SECONDS  # its live record has expired by now
-        for gone in [u for u, (_, at) in self.released.items() if at < stale]:
-            del self.released[gone]
+        while self.released:  # oldest first (insertion order)
+            oldest = next(iter(self.released))
+            if self.released[oldest][1] >= stale:
+                break
+            del self.released[oldest]
 
     def audio_forget(self, utterance_id: str) -> None:
         """The utterance's final (or empty) transcript is stored: nothing left to recover."""
