@@ -82,11 +82,12 @@ class ConversationConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code):
         for task in self.background:
             task.cancel()
-        if self.session is None:
+        session, self.session = self.session, None
+        if session is None:
             return
-        await self.session.speech.close()  # keep what was said
-        group = group_name(self.session.context.conversation_id)
+        group = group_name(session.context.conversation_id)
         await self.channel_layer.group_discard(group, self.channel_name)
+        await session.close()  # keeps what was said
 
     # --- from the client ---------------------------------------------------------
 
