@@ -6,6 +6,8 @@ on in every live server), every callback the loop runs is watched:
   Celery/kombu publish) is reported whatever it cost;
 - a callback that keeps the loop's thread busy (CPU time, so a busy machine
   does not count) for longer than LOOP_GUARD_MS is reported with its time.
+  Garbage collections that happen to run inside it are not counted: they are
+  the collector's, not the callback's (`gc_pauses_log` reports long ones).
 
 Each report is one log line starting `loop-guard:` at ERROR, with the
 callback; `blocked_total()` counts them."""
@@ -40,6 +42,8 @@ BLOCKING_EVENTS = frozenset(
 class _Watch(threading.local):
     active = False
     calls: list[str]
+    gc_ms = 0.0  # collections inside the callback: logged apart (gc-pause), not counted
+    gc_started = 0.0
 
 
 _watch = _Watch()
@@ -62,11 +66,36 @@ def _audit(name: str, args: tuple) -> None:
     _watch.calls.append(f"{name}({detail!r})"[:120])
 
 
+def _gc_observe(phase: str, info: dict) -> None:
+    if not _watch.active:
+        return
+    if phase == "start":
+        _watch.gc_started = time.thread_time()
+    else:
+        _watch.gc_ms += (time.thread_time() - _watch.gc_started) * 1000
+
+
+def _where(handle: asyncio.Handle) -> str:
+    """The callback, or for a task's step the coroutine and where it now waits."""
+    task = getattr(getattr(handle, "_callback", None), "__self__", None)
+    if not isinstance(task, asyncio.Task):
+        return repr(handle)
+    coroutine = task.get_coro()
+    frame = getattr(coroutine, "cr_frame", None)
+    at = f" (now at {frame.f_code.co_filename}:{frame.f_lineno})" if frame else ""
+    return f"task {getattr(coroutine, '__qualname__', coroutine)!s}{at}"
+
+
 def _report(handle: asyncio.Handle, cpu_ms: float, calls: list[str]) -> None:
     global _blocked
     _blocked += 1
     what = ", ".join(calls) if calls else "CPU"
-    log.error("loop-guard: blocked the event loop for %.1f ms CPU (%s) in %r", cpu_ms, what, handle)
+    log.error(
+        "loop-guard: blocked the event loop for %.1f ms CPU (%s) in %s",
+        cpu_ms,
+        what,
+        _where(handle),
+    )
 
 
 def _audited(owner, attribute: str, event_name: str) -> None:
@@ -86,6 +115,7 @@ def install(threshold_ms: float) -> None:
         return
     _installed = True
     sys.addaudithook(_audit)
+    gc.callbacks.append(_gc_observe)
     import kombu
     import redis.connection
 
@@ -97,13 +127,13 @@ def install(threshold_ms: float) -> None:
     def watched_run(handle: asyncio.Handle) -> None:
         if _watch.active:  # nested (should not happen): count it in the outer one
             return run(handle)
-        _watch.active, _watch.calls = True, []
+        _watch.active, _watch.calls, _watch.gc_ms = True, [], 0.0
         started = time.thread_time()
         try:
             run(handle)
         finally:
             _watch.active = False
-            cpu_ms = (time.thread_time() - started) * 1000
+            cpu_ms = (time.thread_time() - started) * 1000 - _watch.gc_ms
             if _watch.calls or cpu_ms > threshold_ms:
                 _report(handle, cpu_ms, _watch.calls)
 

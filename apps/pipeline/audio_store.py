@@ -22,6 +22,7 @@ import redis.asyncio as aredis
 from django.conf import settings
 
 TTL_SECONDS = 600
+WRITE_CHUNK = 64  # commands in one pipeline of a live-state write
 REPLY_AUDIO_TTL_SECONDS = 120
 
 
@@ -154,28 +155,33 @@ class RedisAudioStore:
         return client
 
     async def write_batch(self, batch: Batch) -> list[int]:
-        async with self._client().pipeline(transaction=False) as pipe:
-            for key, data in batch.appends:
-                pipe.append(key, data)
-            for key in batch.expiring:
-                pipe.expire(key, TTL_SECONDS)
-            for key, data in batch.rewrites:
-                pipe.set(key, data, ex=TTL_SECONDS)
-            for key, record in batch.records.items():
-                pipe.hset(key, mapping=dict(record))  # type: ignore[arg-type]
-                pipe.expire(key, TTL_SECONDS)
-            owned = f"live:owned:{batch.owner}"
-            if batch.records:
-                pipe.sadd(owned, *batch.records)
-            if batch.removed:
-                pipe.delete(*batch.removed)
-                pipe.srem(owned, *batch.removed)
-            for key, ttl in batch.flags:
-                pipe.set(key, 1, ex=ttl)
-            if batch.heartbeat:
-                pipe.set(f"live:owner:{batch.owner}", time.time(), ex=batch.owner_ttl)
-                pipe.sadd("live:owners", batch.owner)
-            results = await pipe.execute()
+        """One round of pipelines, CHUNK commands at most each: building a
+        pipeline is Python work on the loop, so a big batch yields between
+        chunks instead of holding the loop for all of it."""
+        commands: list[tuple] = [("APPEND", key, data) for key, data in batch.appends]
+        commands += [("EXPIRE", key, TTL_SECONDS) for key in batch.expiring]
+        commands += [("SET", key, data, "EX", TTL_SECONDS) for key, data in batch.rewrites]
+        for key, record in batch.records.items():
+            if record:
+                commands.append(("HSET", key, *(x for pair in record.items() for x in pair)))
+            commands.append(("EXPIRE", key, TTL_SECONDS))
+        owned = f"live:owned:{batch.owner}"
+        if batch.records:
+            commands.append(("SADD", owned, *batch.records))
+        if batch.removed:
+            commands += [("DEL", *batch.removed), ("SREM", owned, *batch.removed)]
+        commands += [("SET", key, 1, "EX", ttl) for key, ttl in batch.flags]
+        if batch.heartbeat:
+            commands.append(
+                ("SET", f"live:owner:{batch.owner}", time.time(), "EX", batch.owner_ttl)
+            )
+            commands.append(("SADD", "live:owners", batch.owner))
+        results: list = []
+        for start in range(0, len(commands), WRITE_CHUNK):
+            async with self._client().pipeline(transaction=False) as pipe:
+                for command in commands[start : start + WRITE_CHUNK]:
+                    pipe.execute_command(*command)
+                results += await pipe.execute()
         return results[: len(batch.appends)]
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> bytes:

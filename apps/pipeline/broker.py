@@ -54,7 +54,7 @@ def task_message(
     if expires:
         deadline = (datetime.now(UTC) + timedelta(seconds=expires)).isoformat()
         properties["expiration"] = str(int(expires * 1000))
-    headers = {
+    headers: dict[str, object] = {
         "lang": "py",
         "task": task_name,
         "id": task_id,

@@ -87,6 +87,7 @@ class LiveWriter:
         self.flags: list[tuple[str, int]] = []
         self.heartbeat_at = 0.0
         self.wake = asyncio.Event()
+        self.written = asyncio.Event()  # set after each successful flush
         self.task: asyncio.Task | None = None
         self.failures = 0
         self.heartbeat_s = settings.LIVE_HEARTBEAT_S
@@ -170,6 +171,17 @@ class LiveWriter:
     def flag(self, key: str, ttl: int) -> None:
         self.flags.append((key, ttl))
 
+    async def settle(self, timeout_s: float = 2.0) -> None:
+        """Write what is pending now (a socket closes), waiting at most `timeout_s`."""
+        if not self.dirty or self.task is None or self.task.done():
+            return
+        self.written.clear()
+        self.wake.set()
+        try:
+            await asyncio.wait_for(self.written.wait(), timeout_s)
+        except TimeoutError:
+            pass  # the store is down: the writer keeps trying
+
     # --- the writer ------------------------------------------------------------
 
     def _start(self) -> None:
@@ -221,7 +233,9 @@ class LiveWriter:
     def _written(self, lengths: list[int]) -> None:
         self.heartbeat_at = time.monotonic()
         self.failures = 0
+        self.written.set()
         appended = iter(lengths)
+        loop = asyncio.get_running_loop()
         written, self.in_flight = self.in_flight, []
         for audio in written:
             if not audio.writing:
@@ -238,7 +252,7 @@ class LiveWriter:
             ready = [then for end, then in audio.waiters if end <= audio.stored]
             audio.waiters = [(end, then) for end, then in audio.waiters if end > audio.stored]
             for then in ready:
-                then()
+                loop.call_soon(then)  # each job its own callback: a big batch stays short
 
     def _failed(self, batch: Batch, exc: Exception) -> None:
         self.failures += 1

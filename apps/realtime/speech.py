@@ -275,8 +275,10 @@ class SpeechIngest:
         return "other"
 
     async def close(self) -> None:
-        """The socket is gone: keep what was said."""
+        """The socket is gone: keep what was said (its final is queued once the
+        store holds the audio, which is written now)."""
         if self.utterance is not None:
             await self.end(reason="disconnect")
         for utterance_id in list(self.awaiting):
             self.candidate_overdue(utterance_id)
+        await self.live.settle()

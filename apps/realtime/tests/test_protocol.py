@@ -131,9 +131,11 @@ def test_parse_text_limits_characters():
 # --- check_audio_frame -----------------------------------------------------------------
 
 
-def test_check_audio_frame_accepts_pcm_up_to_100_ms():
+def test_check_audio_frame_accepts_pcm_up_to_the_limit():
     check_audio_frame(b"\x00\x00")
+    check_audio_frame(bytes(3200))  # what clients send: 100 ms
     check_audio_frame(bytes(settings.AUDIO_FRAME_MAX_BYTES))
+    assert settings.AUDIO_FRAME_MAX_BYTES == settings.AUDIO_FRAME_MAX_MS * 32
     check_audio_frame(struct.pack("<4h", 1000, -1000, 32767, -32768))
 
 
@@ -143,7 +145,7 @@ def test_check_audio_frame_accepts_pcm_up_to_100_ms():
         (b"", "bad_audio_frame"),
         (b"\x00", "bad_audio_frame"),
         (bytes(3199), "bad_audio_frame"),
-        (bytes(3202), "audio_frame_too_large"),
+        (bytes(6402), "audio_frame_too_large"),  # AUDIO_FRAME_MAX_MS = 200 by default
         (bytes(64_000), "audio_frame_too_large"),
         (b"RIFF" + bytes(40), "wrong_audio_format"),
         (b"OggS" + bytes(40), "wrong_audio_format"),

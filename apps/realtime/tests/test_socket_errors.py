@@ -6,6 +6,7 @@ import struct
 
 import pytest
 import websocket
+from django.conf import settings
 
 from apps.accounts.models import User
 from apps.accounts.services import session_key_create
@@ -18,7 +19,10 @@ WAV_HEADER = b"RIFF" + struct.pack("<I", 36) + b"WAVEfmt " + bytes(22)
     ("send", "code"),
     [
         (lambda c: c.send_bytes(b"\x01\x02\x03"), "bad_audio_frame"),
-        (lambda c: c.send_bytes(bytes(4000)), "audio_frame_too_large"),
+        (
+            lambda c: c.send_bytes(bytes(settings.AUDIO_FRAME_MAX_BYTES + 2)),
+            "audio_frame_too_large",
+        ),
         (lambda c: c.send_bytes(WAV_HEADER + bytes(100)), "wrong_audio_format"),
         (lambda c: c.ws.send("{not json"), "bad_json"),
         (lambda c: c.ws.send("[1, 2]"), "bad_message"),
