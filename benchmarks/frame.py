@@ -70,7 +70,8 @@ def stage_costs(frame_ms: int, repeat: int) -> dict[str, float]:
     quiet = Endpointer()
     costs["endpointer, silence"] = _per_call_us(lambda: quiet.feed(silence), repeat)
     audio = OpenAudio(key="k", record_key="r", on_error=lambda exc: None)
-    writer = LiveWriter.__new__(LiveWriter)
+    writer = LiveWriter.__new__(LiveWriter)  # no loop needed for an append
+    writer.dirty = {}
     costs["buffer append"] = _per_call_us(lambda: writer.audio_append(audio, speech[7]), repeat)
     costs["Session.frame, speech"] = asyncio.run(_session_cost(speech, repeat))
     return {name: round(us, 2) for name, us in costs.items()}
