@@ -93,7 +93,8 @@ class Pending:
 
 
 class AsyncProducer:
-    """One per event loop: `put` is a list append; one task writes the batch."""
+    """One per event loop: `put` is a list append; the jobs put during one loop
+    turn go out together, from a drain task that lives only while there is work."""
 
     def __init__(self, url: str) -> None:
         pool = aredis.BlockingConnectionPool.from_url(
@@ -102,17 +103,16 @@ class AsyncProducer:
         )  # fmt: skip
         self.client = aredis.Redis(connection_pool=pool)
         self.pending: list[Pending] = []
-        self.wake = asyncio.Event()
-        self.task = asyncio.get_running_loop().create_task(self.run(), name="broker-producer")
+        self.draining: asyncio.Task | None = None
 
     def put(self, job: Pending) -> None:
         self.pending.append(job)
-        self.wake.set()
+        if self.draining is None or self.draining.done():
+            loop = asyncio.get_running_loop()
+            self.draining = loop.create_task(self.drain(), name="broker-producer")
 
-    async def run(self) -> None:
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
+    async def drain(self) -> None:
+        while self.pending:
             batch, self.pending = self.pending, []
             await self.write(batch)
 
