@@ -15,8 +15,7 @@ import resource
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.live import free_port, log_tail  # noqa: E402  (standard library only)
+from tests.live import free_port, log_tail, wait_until  # noqa: E402, F401  (standard library only)
 
 LOG_DIR = ROOT / "var" / "bench-logs"
 BENCH_DATABASE = "parley_bench"
@@ -144,23 +143,6 @@ def spawn(command: list[str], env: Mapping[str, str], name: str, *, nofile: int 
         preexec_fn=lambda: raise_nofile(nofile),
     )
     return Proc(name=name, process=process, log_path=log_path, log_file=log_file)
-
-
-def wait_until(ready: Callable[[], bool], proc: Proc, what: str, timeout_s: float) -> None:
-    """Poll `ready` until it holds; stop `proc` and raise if it exits or times out."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            proc.stop()
-            raise RuntimeError(
-                f"{what} exited with code {proc.process.returncode} while starting; "
-                f"log {proc.log_path}:\n{proc.log_tail()}"
-            )
-        if ready():
-            return
-        time.sleep(0.2)
-    proc.stop()
-    raise RuntimeError(f"{what} not ready after {timeout_s:.0f}s; log {proc.log_path}")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -184,7 +184,9 @@ def _spawn(command: list[str], env: dict, log_name: str) -> LiveProcess:
     return LiveProcess(process=process, log_path=log_path, log_file=log_file)
 
 
-def _wait_until(ready: Callable[[], bool], proc: LiveProcess, what: str, timeout_s: float) -> None:
+def wait_until(ready: Callable[[], bool], proc, what: str, timeout_s: float) -> None:
+    """Poll `ready` until it holds; stop `proc` (a started process with .process,
+    .stop() and .log_tail()) and raise if it exits or times out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.process.poll() is not None:
@@ -254,7 +256,7 @@ def start_daphne(env: dict, timeout_s: float = 90.0) -> LiveDaphne:
         except OSError:
             return False
 
-    _wait_until(healthy, server, f"Daphne on port {port}", timeout_s)
+    wait_until(healthy, server, f"Daphne on port {port}", timeout_s)
     return server
 
 
@@ -292,7 +294,7 @@ def start_worker(env: dict, timeout_s: float = 90.0, concurrency: int = 2) -> Li
         except Exception:  # the broker may refuse while starting
             return False
 
-    _wait_until(answers, worker, f"Celery worker {nodename}", timeout_s)
+    wait_until(answers, worker, f"Celery worker {nodename}", timeout_s)
     return worker
 
 
