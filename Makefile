@@ -26,7 +26,8 @@ PYTEST_ARGS ?=
 TEST_LINT ?= yes
 # `make bench` runs each benchmark named in BENCH as `$(PY) -m benchmarks.<name>`, one after
 # the other, with BENCH_ARGS given to each: make bench BENCH="density stt" BENCH_ARGS=...
-BENCH ?= density
+# Each starts the stack it needs, prints a table and writes docs/benchmarks/<name>.json.
+BENCH ?= density frame stt latency database
 BENCH_ARGS ?=
 
 # Settings that must not leak from the shell into a test run: an LLM endpoint or key,
@@ -42,15 +43,14 @@ TEST_CLEAN_ENV := env $(foreach name,$(TEST_UNSET_VARS),-u $(name) -u $(name)_FI
 EMBEDDED_RUN := $(TEST_CLEAN_ENV) $(PYTEST)
 SERVICES_RUN := $(TEST_CLEAN_ENV) $(SERVICES_ENV) $(PYTEST)
 
-.PHONY: help venv system-deps services run test test-embedded test-services lint bench bench-voice screenshots clean
+.PHONY: help venv system-deps services run test test-embedded test-services lint bench screenshots clean
 
 help:
 	@echo "make run          serve Parley at http://127.0.0.1:8000 (embedded defaults; reads .env)"
 	@echo "make test         the whole suite twice: embedded defaults, then Postgres+PgBouncer+Redis+Celery"
 	@echo "make lint         ruff and mypy (make test runs it first)"
 	@echo "make services     start Postgres, Redis and PgBouncer (127.0.0.1:6432)"
-	@echo "make bench        the benchmarks named in BENCH (default: density, sessions per web process)"
-	@echo "make bench-voice  voice pipeline latency benchmark"
+	@echo "make bench        the benchmarks named in BENCH (default: all: density frame stt latency database)"
 	@echo "make screenshots  copy the browser tests' screenshots (reports/screenshots/) to docs/screenshots/"
 	@echo "make clean        remove generated files (keeps .venv)"
 
@@ -120,9 +120,6 @@ bench: venv
 		echo "=== make bench: $(PY) -m benchmarks.$$name $(BENCH_ARGS) ==="; \
 		$(PY) -m benchmarks.$$name $(BENCH_ARGS) || exit 1; \
 	done
-
-bench-voice: venv
-	$(PY) -m benchmarks.voice
 
 # The browser tests write their screenshots to reports/screenshots/ (not tracked);
 # this copies them over the README's tracked ones.

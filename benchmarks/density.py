@@ -318,6 +318,7 @@ class Session:
                     continue
                 event = json.loads(message)
                 kind = event.get("type")
+                self.on_event(event)
                 if kind == "pong":
                     if self.pings.pop(event.get("t"), False):
                         stats.rtts_ms.append((time.monotonic() - event["t"]) * 1000)
@@ -339,6 +340,9 @@ class Session:
                 else:
                     self.refused = self.refused or f"closed_{code}"
             self.ready.set()
+
+    def on_event(self, event: dict) -> None:
+        """Every JSON event as it arrives (a hook for benchmarks.database's speakers)."""
 
     async def ping(self) -> None:
         t = time.monotonic()
@@ -1056,7 +1060,7 @@ class DeadlinePassed(KeyboardInterrupt):
     """Raised by SIGALRM; a KeyboardInterrupt, so that asyncio tasks don't swallow it."""
 
 
-def _on_signal(signum, _frame):
+def on_signal(signum, _frame):
     if signum == signal.SIGALRM:
         raise DeadlinePassed("the deadline passed (--deadline-minutes)")
     raise KeyboardInterrupt
@@ -1069,8 +1073,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     deadline_s = (args.deadline_minutes * 60) if args.deadline_minutes else 2 * _estimate_s(args)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGALRM, _on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGALRM, on_signal)
     signal.alarm(max(1, round(deadline_s)))
     say(f"deadline in {deadline_s / 60:.0f} min")
     procs: list[stack.Proc] = []
@@ -1084,10 +1088,10 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {_shown(args.out)}")
+    print(f"\nwrote {shown(args.out)}")
 
 
-def _shown(path: Path) -> str:
+def shown(path: Path) -> str:
     with contextlib.suppress(ValueError):
         return str(path.resolve().relative_to(ROOT))
     return str(path)

@@ -145,6 +145,12 @@ def spawn(command: list[str], env: Mapping[str, str], name: str, *, nofile: int 
     return Proc(name=name, process=process, log_path=log_path, log_file=log_file)
 
 
+def pin(pid: int, core: int) -> None:
+    """Move every thread of a running process to `core`."""
+    subprocess.run(["taskset", "-a", "-cp", str(core), str(pid)], check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of every thread of `pid`, in seconds (/proc/<pid>/stat)."""
     with open(f"/proc/{pid}/stat") as handle:

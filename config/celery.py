@@ -1,12 +1,14 @@
 """The Celery app. Queues: `default`, `stt` (final and candidate transcripts),
 `stt_partial` (drafts, read by the same workers after `stt`), `tts` (text-to-speech);
-each runs as its own worker Deployment in production and scales on its own backlog."""
+each runs as its own worker Deployment in production and scales on its own backlog.
+scripts/worker.sh starts a worker of each role with the pool it needs."""
 
 import logging
 import os
+import time
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 from kombu import Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
@@ -23,28 +25,75 @@ app.autodiscover_tasks()
 
 
 @worker_process_init.connect
-def start_publisher(**_kwargs) -> None:
-    """One long-lived event loop per worker process publishes every event
-    (apps.realtime.broadcast), on one channel-layer connection."""
+def prefork_child_start(**_kwargs) -> None:
+    """A prefork child runs tasks: set it up (threads do not survive the fork)."""
+    task_process_start()
+
+
+@worker_init.connect
+def worker_start(sender, **_kwargs) -> None:
+    """A threads or solo pool runs tasks in the worker's own process. The STT
+    worker runs threads (`-P threads`), so its tasks share one model and one
+    batcher (apps/pipeline/batching.py)."""
+    pool = sender.pool_cls
+    name = pool if isinstance(pool, str) else f"{pool.__module__}.{pool.__qualname__}"
+    if "prefork" not in name:
+        task_process_start()
+
+
+def task_process_start() -> None:
+    """In each process that runs tasks: one long-lived event loop publishes every
+    event (apps.realtime.broadcast) on one channel-layer connection, and the
+    engines of the queues it consumes are loaded before the first task."""
     from apps.realtime.broadcast import publisher_start
 
     publisher_start()
+    preload_engines()
 
 
-@worker_process_init.connect
-def preload_engines(**_kwargs) -> None:
-    """Load the STT model / TTS engine in each worker process before its first
-    task, for the queues this worker consumes (-Q). WORKER_PRELOAD=0 turns it
-    off. Celery kills a child that takes longer than worker_proc_alive_timeout
-    (4 s by default) to start: raise it for big models."""
+def preload_engines() -> None:
+    """Load the STT model / TTS engine for the queues this worker consumes (-Q).
+    WORKER_PRELOAD=0 turns it off. Celery kills a prefork child that takes
+    longer than worker_proc_alive_timeout (4 s by default) to start: raise it
+    for big models."""
     if os.environ.get("WORKER_PRELOAD", "1") == "0":
         return
     from apps.pipeline.providers.registry import stt_get, tts_get
 
+    log = logging.getLogger(__name__)
     queues = app.amqp.queues.consume_from
     for prefix, get in (("stt", stt_get), ("tts", tts_get)):
         if any(queue.startswith(prefix) for queue in queues):
+            started = time.monotonic()
             try:
-                get()
+                engine = get()
             except Exception:
-                logging.getLogger(__name__).exception("could not preload the %s engine", prefix)
+                log.exception("could not preload the %s engine", prefix)
+            else:
+                log.info("%s engine %s ready in %.1f s", prefix, engine.kind,
+                         time.monotonic() - started)  # fmt: skip
+
+
+def worker_arguments(role: str) -> list[str]:
+    """`celery worker` options for a worker of one role (scripts/run.sh, the tests,
+    the benchmarks and the image all start workers through this):
+    - `stt`: transcription; threads, so its tasks share one model and one batcher;
+    - `tts`: speech synthesis and the light `default` tasks;
+    - `all`: every queue in one process (tests and small setups; in production the
+      roles run apart, so a transcription spike never slows the replies' speech)."""
+    from django.conf import settings
+
+    threads = settings.STT_WORKER_THREADS
+    roles = {
+        "stt": ["-Q", "stt,stt_partial", "-c", str(threads)],
+        "tts": ["-Q", "tts,default", "-c", str(settings.TTS_WORKER_THREADS)],
+        "all": [
+            "-Q",
+            "stt,tts,stt_partial,default",
+            "-c",
+            str(threads + settings.TTS_WORKER_THREADS),
+        ],
+    }
+    if role not in roles:
+        raise ValueError(f"unknown worker role {role!r}; known: {', '.join(roles)}")
+    return [*roles[role], "--pool", "threads", "-n", f"{role}@%h"]

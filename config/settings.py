@@ -171,6 +171,11 @@ CHANNEL_LAYER_URL = env_str("CHANNEL_LAYER_URL") or (redis_db(REDIS_URL, 2) if R
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL") or (redis_db(REDIS_URL, 3) if REDIS_URL else "")
 AUDIO_STORE_URL = env_str("AUDIO_STORE_URL") or (redis_db(REDIS_URL, 4) if REDIS_URL else "")
 
+# "context": the persona and conversation context a turn and a socket read
+# (apps/conversations/context.py), on its own alias with django-prometheus's backends
+# (/metrics: django_cache_get_*); entries live CONTEXT_CACHE_TTL_S at most. Short
+# timeouts: a Redis that does not answer is skipped and the database answers.
+CONTEXT_CACHE_TTL_S = env_int("CONTEXT_CACHE_TTL_S", 600)
 if CACHE_URL:
     CACHES = {
         "default": {
@@ -178,11 +183,26 @@ if CACHE_URL:
             "LOCATION": CACHE_URL,
             "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 2, "SOCKET_TIMEOUT": 2},
             "KEY_PREFIX": "parley",
-        }
+        },
+        "context": {
+            "BACKEND": "django_prometheus.cache.backends.redis.RedisCache",
+            "LOCATION": CACHE_URL,
+            "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.5, "SOCKET_TIMEOUT": 0.5},
+            "KEY_PREFIX": "parley-context",
+            "TIMEOUT": CONTEXT_CACHE_TTL_S,
+        },
     }
     SESSION_ENGINE = "django.contrib.sessions.backends.cached_db"
 else:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        "context": {
+            "BACKEND": "django_prometheus.cache.backends.locmem.LocMemCache",
+            "LOCATION": "context",
+            "TIMEOUT": CONTEXT_CACHE_TTL_S,
+            "OPTIONS": {"MAX_ENTRIES": 50_000},
+        },
+    }
     SESSION_ENGINE = "django.contrib.sessions.backends.db"
 
 if CHANNEL_LAYER_URL:
@@ -224,6 +244,11 @@ ENQUEUE_BUFFER = env_int("ENQUEUE_BUFFER", 10_000)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 IN_PROCESS_WORKERS = env_int("IN_PROCESS_WORKERS", 2)
+# Task threads of a `tts` worker (config.worker): Piper synthesizes one part at a time
+# per process; a second thread stores and publishes while the first synthesizes.
+TTS_WORKER_THREADS = env_int("TTS_WORKER_THREADS", 2)
+# CPU threads of one Piper synthesis (ONNX intra-op threads).
+TTS_CPU_THREADS = env_int("TTS_CPU_THREADS", 1)
 
 # --- Voice pipeline -------------------------------------------------------
 STT_KIND = env_str("STT_KIND", "faster_whisper")
@@ -232,6 +257,24 @@ STT_DEVICE = env_str("STT_DEVICE", "cpu")
 STT_COMPUTE_TYPE = env_str("STT_COMPUTE_TYPE", "int8")
 STT_CPU_THREADS = env_int("STT_CPU_THREADS", 2)
 STT_PARTIAL_EVERY_MS = env_int("STT_PARTIAL_EVERY_MS", 700)
+# The first draft comes sooner: at this much of the utterance's audio (which starts
+# with the endpointer's 300 ms pre-roll), so the user sees words about 0.5 s in.
+STT_FIRST_PARTIAL_MS = env_int("STT_FIRST_PARTIAL_MS", 500)
+# Cross-session batching in the STT worker (apps/pipeline/batching.py): windows wait up
+# to STT_BATCH_WAIT_MS for a batch of at most STT_BATCH_MAX. A worker process runs its
+# tasks on STT_WORKER_THREADS threads (`-P threads -c`), enough to fill a batch.
+STT_BATCH_MAX = env_int("STT_BATCH_MAX", 16)
+STT_BATCH_WAIT_MS = env_int("STT_BATCH_WAIT_MS", 30)
+STT_WORKER_THREADS = env_int("STT_WORKER_THREADS", 16)
+# Drafts are skipped while more finals than this wait (in the worker and the `stt` queue).
+STT_DRAFT_BACKLOG_MAX = env_int("STT_DRAFT_BACKLOG_MAX", 0)
+# Whisper windows are padded to the batch's longest window, but never below these
+# (shorter windows make Whisper loop); drafts take the cheaper, shorter floor.
+STT_MIN_WINDOW_S = env_float("STT_MIN_WINDOW_S", 20.0)
+STT_DRAFT_MIN_WINDOW_S = env_float("STT_DRAFT_MIN_WINDOW_S", 10.0)
+# Windows per encoder call: on a CPU small groups are faster per window; on a GPU use
+# STT_BATCH_MAX.
+STT_ENCODE_GROUP = env_int("STT_ENCODE_GROUP", 2)
 STT_PARTIAL_EXPIRES_S = env_float("STT_PARTIAL_EXPIRES_S", 3.0)  # a queued draft goes stale
 VAD_END_SILENCE_MS = env_int("VAD_END_SILENCE_MS", 500)
 # At this much silence the likely final is transcribed ahead of time (a

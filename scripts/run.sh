@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Serve Parley (called by `make run` after migrate, collectstatic and seed_demo).
-# With REDIS_URL set, a Celery worker runs beside Daphne and both stop together;
+# With REDIS_URL set, a Celery worker per AI stage (stt, tts) runs beside Daphne and all
+# stop together;
 # with embedded defaults the workers are threads inside Daphne, so only Daphne runs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -32,11 +33,14 @@ stop_all() {
 trap stop_all INT TERM
 trap 'stop_all; wait' EXIT
 
-"$BIN/celery" -A config worker -Q stt,tts,stt_partial,default -c 2 --loglevel INFO &
-pids+=($!)
-echo "run: Celery worker started (pid $!), queues default, stt, tts"
+# One worker per AI stage, so that a transcription spike never slows the replies' speech.
+for role in stt tts; do
+    "$BIN/python" -m config.worker "$role" --loglevel INFO &
+    pids+=($!)
+    echo "run: Celery $role worker started (pid $!)"
+done
 banner
 "${DAPHNE[@]}" &
 pids+=($!)
 # Returns when Daphne exits or a signal arrives; the EXIT trap stops the rest.
-wait "${pids[1]}" || exit $?
+wait "${pids[2]}" || exit $?

@@ -13,6 +13,14 @@ PG_HOST=127.0.0.1
 PG_PORT=5432
 REDIS_PORT=6379
 PGB_PORT=${PGBOUNCER_PORT:-6432}
+# PgBouncer's pools (docs/database.md says why): Postgres backends per (database, user),
+# extra ones lent to a client that waited PGBOUNCER_RESERVE_POOL_TIMEOUT seconds, a hard
+# cap per database (<= 25 server connections however many sessions), client connections.
+PGB_DEFAULT_POOL_SIZE=${PGBOUNCER_DEFAULT_POOL_SIZE:-10}
+PGB_RESERVE_POOL_SIZE=${PGBOUNCER_RESERVE_POOL_SIZE:-5}
+PGB_RESERVE_POOL_TIMEOUT=${PGBOUNCER_RESERVE_POOL_TIMEOUT:-5}
+PGB_MAX_DB_CONNECTIONS=${PGBOUNCER_MAX_DB_CONNECTIONS:-20}
+PGB_MAX_CLIENT_CONN=${PGBOUNCER_MAX_CLIENT_CONN:-1000}
 PGB_TEMPLATE=$ROOT/deploy/pgbouncer/pgbouncer.ini
 RUN_LINK=$ROOT/var/pgbouncer
 # var/pgbouncer may be a symlink (see prepare_run_dir): PgBouncer gets real paths.
@@ -103,9 +111,31 @@ prepare_run_dir() {
     say "var/pgbouncer -> $fallback (the work tree is not reachable by postgres)"
 }
 
+# check_pool_sizes: every PGBOUNCER_* pool setting is a whole number, and the pools fit.
+check_pool_sizes() {
+    local name value
+    for name in PGB_DEFAULT_POOL_SIZE PGB_RESERVE_POOL_SIZE PGB_RESERVE_POOL_TIMEOUT \
+        PGB_MAX_DB_CONNECTIONS PGB_MAX_CLIENT_CONN; do
+        value=${!name}
+        [[ "$value" =~ ^[0-9]+$ ]] || die "${name/PGB_/PGBOUNCER_}=$value is not a whole number"
+    done
+    ((PGB_DEFAULT_POOL_SIZE >= 1)) || die "PGBOUNCER_DEFAULT_POOL_SIZE must be at least 1"
+    ((PGB_MAX_DB_CONNECTIONS == 0 || PGB_MAX_DB_CONNECTIONS >= PGB_DEFAULT_POOL_SIZE)) ||
+        die "PGBOUNCER_MAX_DB_CONNECTIONS ($PGB_MAX_DB_CONNECTIONS) is below PGBOUNCER_DEFAULT_POOL_SIZE ($PGB_DEFAULT_POOL_SIZE)"
+    ((PGB_MAX_CLIENT_CONN >= PGB_DEFAULT_POOL_SIZE)) ||
+        die "PGBOUNCER_MAX_CLIENT_CONN ($PGB_MAX_CLIENT_CONN) is below PGBOUNCER_DEFAULT_POOL_SIZE"
+}
+
 render_pgbouncer() {
     prepare_run_dir
-    sed -e "s|@RUN_DIR@|$RUN_DIR|g" -e "s|@PORT@|$PGB_PORT|g" "$PGB_TEMPLATE" >"$RUN_DIR/pgbouncer.ini.new"
+    check_pool_sizes
+    sed -e "s|@RUN_DIR@|$RUN_DIR|g" -e "s|@PORT@|$PGB_PORT|g" \
+        -e "s|@DEFAULT_POOL_SIZE@|$PGB_DEFAULT_POOL_SIZE|g" \
+        -e "s|@RESERVE_POOL_SIZE@|$PGB_RESERVE_POOL_SIZE|g" \
+        -e "s|@RESERVE_POOL_TIMEOUT@|$PGB_RESERVE_POOL_TIMEOUT|g" \
+        -e "s|@MAX_DB_CONNECTIONS@|$PGB_MAX_DB_CONNECTIONS|g" \
+        -e "s|@MAX_CLIENT_CONN@|$PGB_MAX_CLIENT_CONN|g" \
+        "$PGB_TEMPLATE" >"$RUN_DIR/pgbouncer.ini.new"
     printf '"postgres" ""\n' >"$RUN_DIR/userlist.txt"
     if [[ $(id -u) -eq 0 ]]; then chown -R postgres: "$RUN_DIR"; fi
 }

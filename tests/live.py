@@ -28,7 +28,6 @@ from typing import IO
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ROOT / "var" / "test-logs"
 BIN = Path(sys.executable).parent  # the virtualenv running the tests
-QUEUES = "stt,tts,stt_partial,default"  # in priority order (config/celery.py)
 
 # --- Network guard ------------------------------------------------------------
 
@@ -268,19 +267,19 @@ class LiveWorker(LiveProcess):
     nodename: str = ""
 
 
-def start_worker(env: dict, timeout_s: float = 90.0, concurrency: int = 2) -> LiveWorker:
-    """Start a prefork Celery worker on all queues and wait until it answers a ping
-    (through the broker `env` names in CELERY_BROKER_URL, if it names another one)."""
-    from config.celery import app
+def start_worker(env: dict, timeout_s: float = 90.0, role: str = "all") -> LiveWorker:
+    """Start a Celery worker of a role (config.celery.worker_arguments; `all` takes
+    every queue) and wait until it answers a ping (through the broker `env` names
+    in CELERY_BROKER_URL, if it names another one)."""
+    from config.celery import app, worker_arguments
 
     broker_url = env.get("CELERY_BROKER_URL") or None
     if broker_url == app.conf.broker_url:
         broker_url = None
-    nodename = f"parley-test-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+    nodename = f"parley-test-{role}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
     command = _command(
-        "celery", "-A", "config", "worker", "-Q", QUEUES, "-c", str(concurrency),
-        "--pool", "prefork", "-n", nodename, "--without-gossip", "--without-mingle",
-        "--loglevel", "INFO",
+        "celery", "-A", "config", "worker", *worker_arguments(role), "-n", nodename,
+        "--without-gossip", "--without-mingle", "--loglevel", "INFO",
     )  # fmt: skip
     proc = _spawn(command, env, f"celery-{nodename.split('@')[0]}.log")
     worker = LiveWorker(process=proc.process, log_path=proc.log_path, log_file=proc.log_file)

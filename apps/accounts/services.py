@@ -1,10 +1,11 @@
-from django.db.models import F
+from django.db.models import F, Subquery
 
 from .models import User
 
 
-def usage_add(*, user_id: int, audio_seconds: float = 0, tokens: int = 0) -> None:
-    """Count what a user spent, atomically (no read-modify-write race)."""
+def usage_add(*, user_id: int | Subquery, audio_seconds: float = 0, tokens: int = 0) -> None:
+    """Count what a user spent, atomically (no read-modify-write race), in one
+    statement; `user_id` may be a subquery of it (a conversation's user)."""
     User.objects.filter(pk=user_id).update(
         audio_seconds_used=F("audio_seconds_used") + audio_seconds,
         tokens_used=F("tokens_used") + tokens,

@@ -1,6 +1,7 @@
 from django.contrib import admin
 
 from .models import Conversation, Message, TranscriptSegment
+from .services import conversation_delete, message_edit
 
 TIMINGS = (
     "speech_end_to_final_ms",
@@ -44,13 +45,20 @@ class TranscriptSegmentInline(admin.TabularInline):
 
 @admin.register(Conversation)
 class ConversationAdmin(admin.ModelAdmin):
-    list_display = ("id", "user", "persona", "status", "started_at", "ended_at", "last_seq")
+    list_display = ("id", "user", "persona", "status", "started_at", "ended_at")
     list_filter = ("status", "persona", "started_at")
     search_fields = ("id", "user__username", "user__email", "persona__name", "messages__text")
     list_select_related = ("user", "persona")
-    readonly_fields = ("id", "user", "persona", "last_seq", "started_at", "ended_at", "updated_at")
+    readonly_fields = ("id", "user", "persona", "started_at", "ended_at", "updated_at")
     date_hierarchy = "started_at"
     inlines = [MessageInline, TranscriptSegmentInline]
+
+    def delete_model(self, request, obj):
+        conversation_delete(conversation=obj)
+
+    def delete_queryset(self, request, queryset):
+        for conversation in queryset:
+            conversation_delete(conversation=conversation)
 
 
 @admin.register(Message)
@@ -76,3 +84,10 @@ class MessageAdmin(admin.ModelAdmin):
     @admin.display(description="text")
     def short_text(self, obj):
         return obj.text[:80]
+
+    def save_model(self, request, obj, form, change):
+        message_edit(message=obj)
+
+    def has_delete_permission(self, request, obj=None):
+        # A turn's seq is never handed out again; delete the whole conversation instead.
+        return False

@@ -10,21 +10,27 @@ class Conversation(models.Model):
         ENDED = "ended"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    # No index of its own: conversation_user_recent starts with it.
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="conversations",
+        db_index=False,
     )
     persona = models.ForeignKey(
         "personas.Persona", on_delete=models.PROTECT, related_name="conversations"
     )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
-    last_seq = models.PositiveIntegerField(default=0, help_text="Highest seq handed out.")
     started_at = models.DateTimeField(auto_now_add=True)
     ended_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
-        ordering = ["-started_at"]
-        indexes = [models.Index(fields=["user", "-started_at"])]
+        ordering = ["-started_at", "-id"]
+        # The history page's keyset: a user's conversations, newest first.
+        indexes = [
+            models.Index(fields=["user", "-started_at", "-id"], name="conversation_user_recent")
+        ]
 
     def __str__(self) -> str:
         return f"{self.persona} with {self.user} ({self.started_at:%Y-%m-%d %H:%M})"
@@ -36,7 +42,10 @@ class Conversation(models.Model):
 
 class Message(models.Model):
     """One turn: what the user said or typed, or what the persona replied.
-    `seq` orders everything a conversation stores; a socket resumes after it."""
+    `seq` orders everything a conversation stores; a socket resumes after it.
+    It is the conversation's highest seq + 1, computed by the INSERT itself
+    (apps/conversations/services.py); the unique (conversation, seq) index
+    serves that, every read of a conversation's turns, and their keyset pages."""
 
     class Role(models.TextChoices):
         USER = "user"
@@ -55,8 +64,9 @@ class Message(models.Model):
         FAILED = "failed"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    # No index of its own: message_unique_seq starts with it.
     conversation = models.ForeignKey(
-        Conversation, on_delete=models.CASCADE, related_name="messages"
+        Conversation, on_delete=models.CASCADE, related_name="messages", db_index=False
     )
     seq = models.PositiveIntegerField()
     role = models.CharField(max_length=16, choices=Role.choices)
@@ -75,7 +85,9 @@ class Message(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
-        ordering = ["conversation", "seq"]
+        # The column, not the relation: ordering by "conversation" would join it for its
+        # own ordering.
+        ordering = ["conversation_id", "seq"]
         constraints = [
             models.UniqueConstraint(fields=["conversation", "seq"], name="message_unique_seq"),
         ]
@@ -88,8 +100,9 @@ class TranscriptSegment(models.Model):
     """The final transcript of one utterance, with where it sits in the audio."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    # No index of its own: segment_unique_utterance starts with it.
     conversation = models.ForeignKey(
-        Conversation, on_delete=models.CASCADE, related_name="segments"
+        Conversation, on_delete=models.CASCADE, related_name="segments", db_index=False
     )
     message = models.OneToOneField(Message, on_delete=models.CASCADE, related_name="segment")
     utterance_id = models.CharField(max_length=64)
@@ -102,7 +115,7 @@ class TranscriptSegment(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        ordering = ["conversation", "seq"]
+        ordering = ["conversation_id", "seq"]
         constraints = [
             models.UniqueConstraint(
                 fields=["conversation", "utterance_id"], name="segment_unique_utterance"

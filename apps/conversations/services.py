@@ -1,10 +1,22 @@
 """Writes and workflows of the system of record. Every event a client sees
-about stored data is published here, after the transaction commits."""
+about stored data is published here, after the transaction commits, and every
+stored turn reaches the context cache (context.py) before the sockets hear of it.
+
+A turn's seq is the conversation's highest seq + 1, computed by its INSERT
+(one statement, read back with RETURNING; no counter row to lock). Two writers
+that pick the same seq at once (Postgres: they do not see each other's rows)
+are told apart by the unique (conversation, seq) constraint, and the one
+refused stores again with the next seq."""
 
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import TypeVar
 from uuid import UUID
 
-from django.db import transaction
+from django.db import IntegrityError, connection, transaction
+from django.db.models import PositiveIntegerField, Subquery, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from apps.accounts.services import usage_add
@@ -12,7 +24,11 @@ from apps.personas.models import Persona
 from apps.realtime.broadcast import publish_on_commit
 from apps.realtime.events import event
 
+from . import context
 from .models import Conversation, Message, TranscriptSegment
+
+SEQ_ATTEMPTS = 10  # writers of one conversation at once: a voice final, a reply, a typed turn
+T = TypeVar("T")
 
 
 def _ms_since(epoch_seconds: float | None) -> int | None:
@@ -21,27 +37,86 @@ def _ms_since(epoch_seconds: float | None) -> int | None:
     return max(0, round((time.time() - epoch_seconds) * 1000))
 
 
-def _next_seq(*, conversation_id: UUID) -> int:
-    """Hand out the conversation's next seq; call inside a transaction."""
-    conversation = (
-        Conversation.objects.select_for_update().only("id", "last_seq").get(pk=conversation_id)
+def _turn_insert(message: Message) -> Message:
+    """INSERT `message` with its conversation's next seq, in one statement: the
+    seq is a subquery (the conversation's highest seq, from the top of its unique
+    index, + 1) and comes back with RETURNING."""
+    highest = Message.objects.filter(conversation_id=message.conversation_id).order_by("-seq")
+    next_seq = Coalesce(
+        Subquery(highest.values("seq")[:1]), Value(0), output_field=PositiveIntegerField()
+    ) + Value(1)
+    message.seq = next_seq  # an expression: the INSERT computes it
+    seq_field = Message._meta.get_field("seq")
+    # QuerySet._insert is what Model.save() and bulk_create() call; it is the ORM's
+    # way to ask for RETURNING of a column that is not the primary key.
+    rows = Message.objects._insert(  # type: ignore[attr-defined]
+        [message],
+        fields=Message._meta.local_concrete_fields,
+        returning_fields=[seq_field],
+        using=connection.alias,
     )
-    conversation.last_seq += 1
-    conversation.save(update_fields=["last_seq", "updated_at"])
-    return conversation.last_seq
+    message.seq = rows[0][0]
+    message._state.adding = False
+    message._state.db = connection.alias
+    return message
+
+
+def _seq_taken(exc: IntegrityError) -> bool:
+    """Another writer stored a turn with the same seq first (Postgres names the
+    constraint; SQLite serializes writers, so it never happens there)."""
+    diag = getattr(exc.__cause__, "diag", None)
+    return getattr(diag, "constraint_name", None) == "message_unique_seq"
+
+
+def _storing(store: Callable[[], T]) -> T:
+    """Run `store` (it inserts turns with the next seq, and rolls back what it did
+    when that fails) again while the seq it picked was taken by a concurrent writer."""
+    for attempt in range(1, SEQ_ATTEMPTS + 1):
+        try:
+            return store()
+        except IntegrityError as exc:
+            if attempt == SEQ_ATTEMPTS or not _seq_taken(exc):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _statement() -> AbstractContextManager:
+    """Nothing around a one-statement write (it is its own transaction), but a
+    savepoint inside a caller's transaction, so that a refused seq can be retried."""
+    return transaction.atomic() if connection.in_atomic_block else nullcontext()
+
+
+def _user_of(conversation_id: UUID) -> Subquery:
+    """The conversation's user, as a subquery of the statement that needs it."""
+    return Subquery(
+        Conversation.objects.filter(pk=conversation_id).order_by().values("user_id")[:1]
+    )
+
+
+def _on_commit_stored(message: Message) -> None:
+    # robust: a cache that misbehaves never keeps the event from the sockets
+    transaction.on_commit(lambda: context.turn_stored(message=message), robust=True)
 
 
 @transaction.atomic
 def conversation_start(*, user, persona: Persona) -> Conversation:
     conversation = Conversation.objects.create(user=user, persona=persona)
+    turns = []
     if persona.greeting:
-        Message.objects.create(
+        greeting = Message.objects.create(
             conversation=conversation,
-            seq=_next_seq(conversation_id=conversation.id),
+            seq=1,
             role=Message.Role.ASSISTANT,
             source=Message.Source.GREETING,
             text=persona.greeting,
         )
+        turns.append(context.Turn(greeting.seq, str(greeting.role), greeting.text))
+
+    def prime() -> None:
+        context.conversation_remember(conversation=conversation)
+        context.history_prime(conversation_id=conversation.id, turns=turns)
+
+    transaction.on_commit(prime, robust=True)
     return conversation
 
 
@@ -64,7 +139,6 @@ def _final_event(message: Message, *, utterance_id: str | None, **extra) -> dict
     )
 
 
-@transaction.atomic
 def transcript_finalize(
     *,
     conversation_id: UUID,
@@ -77,134 +151,193 @@ def transcript_finalize(
     provider: str,
 ) -> Message | None:
     """Store an utterance's final transcript as a user message and a segment,
-    then tell the sockets. Safe to run twice: the second run changes nothing
-    and publishes nothing. Empty text (no speech) stores nothing."""
+    count the user's audio, then tell the sockets: three statements in one
+    transaction. Safe to run twice: the segment's unique (conversation,
+    utterance) constraint refuses the second copy, whose transaction is rolled
+    back, and the stored turn is returned; nothing changes and nothing is
+    published. Empty text (no speech) stores nothing."""
     text = text.strip()
-    # Lock the conversation first, so two runs of the same task queue up here.
-    Conversation.objects.select_for_update().only("id").get(pk=conversation_id)
-    existing = TranscriptSegment.objects.filter(
-        conversation_id=conversation_id, utterance_id=utterance_id
-    ).select_related("message")
-    if existing:
-        return existing[0].message
     if not text:
-        publish_on_commit(conversation_id, event("transcript.empty", utterance_id=utterance_id))
-        return None
-    seq = _next_seq(conversation_id=conversation_id)
+        stored = _utterance_message(conversation_id, utterance_id)
+        if stored is None:
+            publish_on_commit(conversation_id, event("transcript.empty", utterance_id=utterance_id))
+        return stored
     stt_ms = _ms_since(speech_end_at)
-    message = Message.objects.create(
-        conversation_id=conversation_id,
-        seq=seq,
-        role=Message.Role.USER,
-        source=Message.Source.VOICE,
-        text=text,
-        provider=provider,
-        speech_end_to_final_ms=stt_ms,
-    )
-    TranscriptSegment.objects.create(
-        conversation_id=conversation_id,
-        message=message,
-        utterance_id=utterance_id,
-        seq=seq,
-        start_ms=start_ms,
-        end_ms=end_ms,
-        text=text,
-        confidence=confidence,
-        provider=provider,
-    )
-    user_id = Conversation.objects.values_list("user_id", flat=True).get(pk=conversation_id)
-    usage_add(user_id=user_id, audio_seconds=(end_ms - start_ms) / 1000)
-    publish_on_commit(
-        conversation_id,
-        _final_event(message, utterance_id=utterance_id, speech_end_to_final_ms=stt_ms),
-    )
-    return message
+
+    def store() -> Message:
+        with transaction.atomic():
+            message = _turn_insert(
+                Message(
+                    conversation_id=conversation_id,
+                    role=Message.Role.USER,
+                    source=Message.Source.VOICE,
+                    text=text,
+                    provider=provider,
+                    speech_end_to_final_ms=stt_ms,
+                )
+            )
+            TranscriptSegment.objects.create(
+                conversation_id=conversation_id,
+                message=message,
+                utterance_id=utterance_id,
+                seq=message.seq,
+                start_ms=start_ms,
+                end_ms=end_ms,
+                text=text,
+                confidence=confidence,
+                provider=provider,
+            )
+            usage_add(user_id=_user_of(conversation_id), audio_seconds=(end_ms - start_ms) / 1000)
+            _on_commit_stored(message)
+            publish_on_commit(
+                conversation_id,
+                _final_event(message, utterance_id=utterance_id, speech_end_to_final_ms=stt_ms),
+            )
+        return message
+
+    try:
+        return _storing(store)
+    except IntegrityError:
+        stored = _utterance_message(conversation_id, utterance_id)
+        if stored is None:
+            raise
+        return stored  # a second run of the same final
 
 
-@transaction.atomic
+def _utterance_message(conversation_id: UUID, utterance_id: str) -> Message | None:
+    segment = (
+        TranscriptSegment.objects.filter(conversation_id=conversation_id, utterance_id=utterance_id)
+        .select_related("message")
+        .first()
+    )
+    return None if segment is None else segment.message
+
+
 def text_message_add(*, conversation_id: UUID, text: str) -> Message:
-    """A typed message: stored, then shown on every socket like a final transcript."""
-    message = Message.objects.create(
-        conversation_id=conversation_id,
-        seq=_next_seq(conversation_id=conversation_id),
-        role=Message.Role.USER,
-        source=Message.Source.TEXT,
-        text=text,
-    )
-    publish_on_commit(conversation_id, _final_event(message, utterance_id=None))
-    return message
+    """A typed message: stored (one statement), then shown on every socket like
+    a final transcript."""
+
+    def store() -> Message:
+        with _statement():
+            message = _turn_insert(
+                Message(
+                    conversation_id=conversation_id,
+                    role=Message.Role.USER,
+                    source=Message.Source.TEXT,
+                    text=text,
+                )
+            )
+            _on_commit_stored(message)
+            publish_on_commit(conversation_id, _final_event(message, utterance_id=None))
+        return message
+
+    return _storing(store)
 
 
-@transaction.atomic
 def reply_begin(*, conversation_id: UUID, provider: str) -> Message:
-    """Reserve the reply's seq before the first token, so the order of the
-    conversation is fixed even when a reply is interrupted."""
-    return Message.objects.create(
-        conversation_id=conversation_id,
-        seq=_next_seq(conversation_id=conversation_id),
-        role=Message.Role.ASSISTANT,
-        source=Message.Source.LLM,
-        status=Message.Status.STREAMING,
-        provider=provider,
-    )
+    """Reserve the reply's seq before the first token (one statement), so the
+    order of the conversation is fixed even when a reply is interrupted. A
+    streaming turn is not history: the context cache hears of it when it finishes."""
+
+    def store() -> Message:
+        with _statement():
+            return _turn_insert(
+                Message(
+                    conversation_id=conversation_id,
+                    role=Message.Role.ASSISTANT,
+                    source=Message.Source.LLM,
+                    status=Message.Status.STREAMING,
+                    provider=provider,
+                )
+            )
+
+    return _storing(store)
 
 
-@transaction.atomic
 def reply_finish(
     *,
-    message_id: UUID,
+    reply: Message,
     text: str,
     status: str,
     prompt_tokens: int,
     completion_tokens: int,
     final_to_first_token_ms: int | None,
     reply_total_ms: int | None,
+    first_token_to_first_audio_ms: int | None = None,
     error_code: str = "",
     audio_parts: int = 0,
 ) -> Message:
-    """Store the finished (or interrupted, or failed) reply and tell the sockets;
-    `audio_parts` is how many sentences were sent to be spoken."""
-    message = Message.objects.select_related("conversation").get(pk=message_id)
-    message.text = text
-    message.status = status
-    message.prompt_tokens = prompt_tokens
-    message.completion_tokens = completion_tokens
-    message.final_to_first_token_ms = final_to_first_token_ms
-    message.reply_total_ms = reply_total_ms
-    message.save(
-        update_fields=[
-            "text",
-            "status",
-            "prompt_tokens",
-            "completion_tokens",
-            "final_to_first_token_ms",
-            "reply_total_ms",
-            "updated_at",
-        ]
-    )
-    usage_add(user_id=message.conversation.user_id, tokens=prompt_tokens + completion_tokens)
-    type_ = "reply.interrupted" if status == Message.Status.INTERRUPTED else "reply.done"
-    publish_on_commit(
-        message.conversation_id,
-        event(
-            type_,
-            reply_id=str(message.id),
-            seq=message.seq,
-            text=text,
-            status=status,
-            error_code=error_code,
-            audio_parts=audio_parts,
-            final_to_first_token_ms=final_to_first_token_ms,
-            reply_total_ms=reply_total_ms,
-        ),
-    )
-    return message
+    """Store the finished (or interrupted, or failed) reply that `reply_begin`
+    reserved, count the user's tokens, and tell the sockets: two statements in
+    one transaction, nothing read back. The first audio's timing, when it came
+    before the end, is stored with it."""
+    fields = {
+        "text": text,
+        "status": status,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "final_to_first_token_ms": final_to_first_token_ms,
+        "reply_total_ms": reply_total_ms,
+        "updated_at": timezone.now(),
+    }
+    if first_token_to_first_audio_ms is not None:
+        fields["first_token_to_first_audio_ms"] = first_token_to_first_audio_ms
+    with transaction.atomic():
+        if not Message.objects.filter(pk=reply.id).update(**fields):
+            raise Message.DoesNotExist(f"no reply {reply.id}")
+        for name, value in fields.items():
+            setattr(reply, name, value)
+        if prompt_tokens + completion_tokens:
+            usage_add(
+                user_id=_user_of(reply.conversation_id), tokens=prompt_tokens + completion_tokens
+            )
+        type_ = "reply.interrupted" if status == Message.Status.INTERRUPTED else "reply.done"
+        _on_commit_stored(reply)
+        publish_on_commit(
+            reply.conversation_id,
+            event(
+                type_,
+                reply_id=str(reply.id),
+                seq=reply.seq,
+                text=text,
+                status=status,
+                error_code=error_code,
+                audio_parts=audio_parts,
+                final_to_first_token_ms=final_to_first_token_ms,
+                reply_total_ms=reply_total_ms,
+            ),
+        )
+    return reply
 
 
 def message_record_first_audio(*, message_id: UUID, first_token_to_first_audio_ms: int) -> None:
+    """The first audio's timing of a reply already stored (one that came before
+    the end is stored by reply_finish)."""
     Message.objects.filter(pk=message_id, first_token_to_first_audio_ms__isnull=True).update(
         first_token_to_first_audio_ms=first_token_to_first_audio_ms, updated_at=timezone.now()
     )
+
+
+def message_edit(*, message: Message) -> Message:
+    """Staff changed a stored turn (the admin): saved, and the cached history
+    made anew."""
+    with transaction.atomic():
+        message.save()
+        transaction.on_commit(
+            lambda: context.history_forget(conversation_id=message.conversation_id),
+            robust=True,
+        )
+    return message
+
+
+def conversation_delete(*, conversation: Conversation) -> None:
+    """Delete a conversation with its turns, and what the cache knows of it."""
+    conversation_id = conversation.id
+    with transaction.atomic():
+        conversation.delete()
+        transaction.on_commit(
+            lambda: context.conversation_forget(conversation_id=conversation_id), robust=True
+        )
 
 
 def replay_events(*, messages: list[Message]) -> list[dict]:

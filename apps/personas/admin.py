@@ -1,7 +1,7 @@
 from django.contrib import admin
 
 from .models import Persona
-from .services import persona_duplicate
+from .services import persona_delete, persona_duplicate, persona_save
 
 
 @admin.register(Persona)
@@ -43,6 +43,19 @@ class PersonaAdmin(admin.ModelAdmin):
         ),
         ("Record", {"fields": ("id", "created_at", "updated_at")}),
     )
+
+    # Every staff change goes through the services, which write it through to the
+    # context cache: the persona's next turn uses it (the change form and list_editable
+    # both save through save_model).
+    def save_model(self, request, obj, form, change):
+        persona_save(persona=obj)
+
+    def delete_model(self, request, obj):
+        persona_delete(persona=obj)
+
+    def delete_queryset(self, request, queryset):
+        for persona in queryset:
+            persona_delete(persona=persona)
 
     @admin.action(
         description="Duplicate selected personas (as unpublished copies)", permissions=["add"]

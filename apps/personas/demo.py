@@ -1,8 +1,11 @@
 """The demo personas and user that `manage.py seed_demo` creates."""
 
+from functools import partial
+
 from django.db import transaction
 
 from apps.accounts.models import User
+from apps.conversations.context import persona_remember
 
 from .models import Persona
 
@@ -61,6 +64,8 @@ def demo_seed() -> tuple[list[Persona], User]:
         )[0]
         for fields in DEMO_PERSONAS
     ]
+    for persona in personas:  # a refresh reaches running processes' next turns
+        transaction.on_commit(partial(persona_remember, persona=persona), robust=True)
     user, _ = User.objects.get_or_create(
         username=DEMO_USERNAME, defaults={"email": "demo@example.com"}
     )

@@ -38,6 +38,14 @@ class Persona(models.Model):
 
     class Meta:
         ordering = ["name"]
+        # The gallery: published personas by name.
+        indexes = [
+            models.Index(
+                fields=["name"],
+                condition=models.Q(is_published=True),
+                name="persona_published_by_name",
+            )
+        ]
         constraints = [
             models.CheckConstraint(
                 condition=models.Q(temperature__gte=0) & models.Q(temperature__lte=2),

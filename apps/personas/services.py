@@ -1,7 +1,26 @@
 from django.db import transaction
 from django.utils.text import slugify
 
+from apps.conversations.context import persona_forget, persona_remember
+
 from .models import Persona
+
+
+@transaction.atomic
+def persona_save(*, persona: Persona) -> Persona:
+    """Save a staff edit. Once it commits, it is written through to the context
+    cache, so the persona's very next turn uses it, in every process."""
+    persona.save()
+    transaction.on_commit(lambda: persona_remember(persona=persona), robust=True)
+    return persona
+
+
+@transaction.atomic
+def persona_delete(*, persona: Persona) -> None:
+    """Delete a persona no conversation uses (they protect it), and its cached copy."""
+    persona_id = persona.pk
+    persona.delete()
+    transaction.on_commit(lambda: persona_forget(persona_id=persona_id), robust=True)
 
 
 @transaction.atomic

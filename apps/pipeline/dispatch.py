@@ -95,10 +95,32 @@ def _publisher_get() -> _Publisher:
 def _executor(queue_name: str) -> ThreadPoolExecutor:
     with _lock:
         if queue_name not in _executors:
+            # STT threads mostly wait on the batcher (batching.py): as many as a batch holds
+            threads = settings.STT_WORKER_THREADS if queue_name.startswith("stt") else None
             _executors[queue_name] = ThreadPoolExecutor(
-                settings.IN_PROCESS_WORKERS, thread_name_prefix=f"worker-{queue_name}"
+                threads or settings.IN_PROCESS_WORKERS, thread_name_prefix=f"worker-{queue_name}"
             )
         return _executors[queue_name]
+
+
+_backlog_clients: dict[str, Any] = {}
+
+
+def queue_backlog(queue_name: str) -> int:
+    """Jobs waiting in a queue, not yet taken by a worker: the Redis broker's
+    list, or the in-process executor's queue; 0 where the broker cannot tell."""
+    url = settings.CELERY_BROKER_URL
+    if not url:
+        executor = _executors.get(queue_name)
+        return executor._work_queue.qsize() if executor is not None else 0
+    if not writes_natively(url):
+        return 0
+    client = _backlog_clients.get(url)
+    if client is None:
+        import redis
+
+        client = _backlog_clients[url] = redis.Redis.from_url(url, socket_timeout=1)
+    return int(client.llen(queue_name))
 
 
 def _run_in_thread(task, kwargs: dict) -> None:

@@ -4,12 +4,14 @@
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from uuid import UUID
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 
+from apps.conversations.context import conversation_context
 from apps.conversations.models import Conversation, Message, TranscriptSegment
 from apps.conversations.selectors import history_for_reply
 from apps.conversations.services import reply_begin, reply_finish, transcript_finalize
@@ -17,9 +19,17 @@ from apps.realtime.broadcast import apublish, publish
 from apps.realtime.events import event
 
 from .audio_store import REPLY_AUDIO_TTL_SECONDS, audio_store, reply_audio_key, utterance_key
+from .batching import Skipped, batcher
 from .dispatch import enqueue
-from .providers.base import ChatMessage, ProviderError, ReplyRequest, ReplyUsage, Transcript
-from .providers.registry import llm_get, stt_get, tts_get
+from .providers.base import (
+    ChatMessage,
+    ProviderError,
+    ReplyRequest,
+    ReplyUsage,
+    SpeechChunk,
+    Transcript,
+)
+from .providers.registry import llm_get, tts_get
 from .sentences import SentenceSplitter
 from .tasks import synthesize_sentence_task
 from .values import CandidateTranscript, PersonaEngines, SentenceToSpeak, UtteranceWindow
@@ -48,7 +58,7 @@ def transcribe_window(*, window: UtteranceWindow) -> None:
     - "final": stored, then pushed. Safe to run twice."""
     conversation_id, utterance_id = window.conversation_id, window.utterance_id
     key = utterance_key(conversation_id, utterance_id)
-    if window.purpose == "partial" and audio_store().flag_get(final_requested_key(utterance_id)):
+    if window.purpose == "partial" and draft_is_stale(utterance_id):
         return  # the final is on its way; a partial now would only delay it
     if (
         window.purpose == "final"
@@ -57,9 +67,8 @@ def transcribe_window(*, window: UtteranceWindow) -> None:
         ).exists()
     ):
         return
-    pcm = audio_store().read(key, 0, window.end_byte)
     provider = window.stt_kind or settings.STT_KIND
-    result = _transcribe(conversation_id, provider, pcm)
+    result, audio_bytes = _transcribe(provider, key, window)
     if window.purpose == "partial":
         text = result.text if result else ""
         publish(conversation_id, event("transcript.partial", utterance_id=utterance_id, text=text))
@@ -83,16 +92,41 @@ def transcribe_window(*, window: UtteranceWindow) -> None:
             text=result.text if result else "",
             confidence=result.confidence if result else None,
             start_ms=window.start_ms,
-            end_ms=window.start_ms + len(pcm) // BYTES_PER_MS,
+            end_ms=window.start_ms + audio_bytes // BYTES_PER_MS,
             speech_end_at=window.speech_end_at,
             provider=provider,
         )
         audio_store().delete(key)
 
 
-def _transcribe(conversation_id: str, provider: str, pcm: bytes) -> Transcript | None:
+def draft_is_stale(utterance_id: str) -> bool:
+    """The utterance ended and its final is on its way: a draft now only delays it."""
+    return audio_store().flag_get(final_requested_key(utterance_id))
+
+
+def _transcribe(provider: str, key: str, window: UtteranceWindow) -> tuple[Transcript | None, int]:
+    """The window's transcript from this process's batcher, and how many bytes of
+    audio it had; None when it failed (the client is told). A dropped draft is
+    an empty one."""
+    audio_bytes = 0
+
+    def read() -> bytes:
+        nonlocal audio_bytes
+        pcm = audio_store().read(key, 0, window.end_byte)
+        audio_bytes = len(pcm)
+        return pcm
+
+    conversation_id = window.conversation_id
     try:
-        return stt_get(provider).transcribe(pcm)
+        transcript = batcher().transcribe(
+            kind=provider,
+            read=read,
+            draft=window.purpose == "partial",
+            utterance_id=window.utterance_id,
+        )
+        return transcript, audio_bytes
+    except Skipped:
+        return Transcript(""), audio_bytes
     except ProviderError as exc:
         publish(conversation_id, event("error", code=exc.code, message=exc.message))
     except Exception:
@@ -105,7 +139,7 @@ def _transcribe(conversation_id: str, provider: str, pcm: bytes) -> Transcript |
                 message="Speech recognition failed for that utterance.",
             ),
         )
-    return None
+    return None, audio_bytes
 
 
 async def utterance_finalize_from_candidate(
@@ -138,42 +172,64 @@ async def utterance_finalize_from_candidate(
 
 
 def synthesize_sentence(*, sentence: SentenceToSpeak) -> None:
-    """Speak one sentence of a reply; its audio goes to the audio store and a
-    small `reply.audio` event to the sockets, which fetch it. A stopped reply
-    is skipped; a failure pushes empty audio so later sentences still play in
-    order."""
+    """Speak one part of a reply (a sentence, or the first clause). Each piece of
+    its audio goes, as soon as the engine has made it (Piper: one per sentence it
+    finds in the part), to the audio store, and a small `reply.audio` event
+    (`index`, `chunk`, `last`) to the sockets, which fetch it and send the pieces
+    in order. A stopped reply is skipped, also between pieces; a failure ends the
+    part with an empty last piece, so later parts still play in order. Safe to run
+    twice: a socket sends each piece once."""
     conversation_id, reply_id = sentence.conversation_id, sentence.reply_id
-    sample_rate, pcm, failed = 16_000, b"", ""
     engine = sentence.tts_kind or settings.TTS_KIND
-    if not audio_store().flag_get(_skip_audio_key(reply_id)):
-        try:
-            speech = tts_get(engine).synthesize(sentence.text, voice=sentence.voice)
-            sample_rate, pcm = speech.sample_rate, speech.pcm
-        except ProviderError as exc:
-            failed = exc.code
-            publish(conversation_id, event("error", code=exc.code, message=exc.message))
-        except Exception:
-            log.exception("text-to-speech failed")
-            failed = "tts_unavailable"
-            publish(
-                conversation_id, event("error", code=failed, message="Speech synthesis failed.")
-            )
-    key = reply_audio_key(reply_id, sentence.index)
-    if pcm:
-        audio_store().put(key, pcm, REPLY_AUDIO_TTL_SECONDS)
-    publish(
-        conversation_id,
-        event(
-            "reply.audio",
-            reply_id=reply_id,
-            index=sentence.index,
-            sample_rate=sample_rate,
-            audio_key=key,
-            bytes=len(pcm),
-            engine=engine,
-            error=failed,
-        ),
-    )
+    for chunk, (piece, failed) in enumerate(_speech_pieces(sentence, engine)):
+        key = f"{reply_audio_key(reply_id, sentence.index)}:{chunk}"
+        if piece.pcm:
+            audio_store().put(key, piece.pcm, REPLY_AUDIO_TTL_SECONDS)
+        publish(
+            conversation_id,
+            event(
+                "reply.audio",
+                reply_id=reply_id,
+                index=sentence.index,
+                chunk=chunk,
+                last=piece.last,
+                sample_rate=piece.sample_rate,
+                audio_key=key,
+                bytes=len(piece.pcm),
+                engine=engine,
+                error=failed,
+            ),
+        )
+
+
+def _speech_pieces(sentence: SentenceToSpeak, engine: str) -> Iterator[tuple[SpeechChunk, str]]:
+    """The part's audio pieces as the engine makes them, each with the error code
+    that cut it short (""); the last one, and only it, has `last=True`."""
+    sample_rate, failed = 16_000, ""
+    skip_key = _skip_audio_key(sentence.reply_id)
+    if audio_store().flag_get(skip_key):
+        yield SpeechChunk(pcm=b"", sample_rate=sample_rate, last=True), ""
+        return
+    try:
+        stream = tts_get(engine).synthesize_stream(sentence.text, voice=sentence.voice)
+        for piece in stream:
+            sample_rate = piece.sample_rate
+            yield piece, ""
+            if piece.last:
+                return
+            if audio_store().flag_get(skip_key):
+                break  # stopped between two pieces
+    except ProviderError as exc:
+        failed = exc.code
+        publish(sentence.conversation_id, event("error", code=exc.code, message=exc.message))
+    except Exception:
+        log.exception("text-to-speech failed")
+        failed = "tts_unavailable"
+        publish(
+            sentence.conversation_id,
+            event("error", code=failed, message="Speech synthesis failed."),
+        )
+    yield SpeechChunk(pcm=b"", sample_rate=sample_rate, last=True), failed
 
 
 async def reply_claim(*, user_message_id) -> bool:
@@ -199,20 +255,27 @@ async def reply_audio_skip(*, reply_id: str) -> None:
 
 @dataclass
 class ReplyPlan:
-    message: Message
+    message: Message  # the reply's turn, reserved (streaming)
     request: ReplyRequest
     engines: PersonaEngines
 
 
 def reply_prepare(*, conversation_id: UUID) -> ReplyPlan:
-    """Everything a reply needs, read fresh each turn, so a persona changed in
-    the admin takes effect on the next turn."""
-    persona = Conversation.objects.select_related("persona").get(pk=conversation_id).persona
-    history = history_for_reply(
-        conversation_id=conversation_id, budget_tokens=settings.LLM_HISTORY_TOKENS
-    )
+    """Everything a reply needs: the persona and the history from the context
+    cache (apps/conversations/context.py; a staff edit of the persona is written
+    through on commit, so it is used on the next turn, in every process), and the
+    reply's seq reserved: one query when the cache answers."""
+    found = conversation_context(conversation_id=conversation_id)
+    if found is None:
+        raise Conversation.DoesNotExist(f"no conversation {conversation_id}")
+    persona = found.persona
     engines = PersonaEngines.of(persona)
     message = reply_begin(conversation_id=conversation_id, provider=engines.llm)
+    history = history_for_reply(
+        conversation_id=conversation_id,
+        budget_tokens=settings.LLM_HISTORY_TOKENS,
+        through_seq=message.seq - 1,  # the cached copy must have seen the turn answered
+    )
     request = ReplyRequest(
         system_prompt=persona.system_prompt,
         history=[ChatMessage(role=m.role, content=m.text) for m in history],
@@ -231,6 +294,8 @@ class ReplyState:
     text: str = ""
     sentences: int = 0
     first_token_at: float | None = None
+    # First token → first audio, when the audio came before the end: stored with the reply.
+    first_audio_ms: int | None = None
     done: bool = False
 
 
@@ -257,7 +322,7 @@ async def reply_run(
         # record it as an empty interrupted reply, so no turn is left "streaming".
         plan = await preparing
         await database_sync_to_async(reply_finish)(
-            message_id=plan.message.id,
+            reply=plan.message,
             text="",
             status=Message.Status.INTERRUPTED,
             prompt_tokens=0,
@@ -329,13 +394,14 @@ async def _reply_store(plan, state, status, error_code, usage, first_ms, final_a
         except Exception:
             log.warning("could not mark reply %s's audio skipped", state.reply_id)
     await database_sync_to_async(reply_finish)(
-        message_id=plan.message.id,
+        reply=plan.message,
         text=state.text,
         status=status,
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         final_to_first_token_ms=first_ms,
         reply_total_ms=_ms_between(final_at, time.time()),
+        first_token_to_first_audio_ms=state.first_audio_ms,
         error_code=error_code,
         audio_parts=state.sentences,
     )

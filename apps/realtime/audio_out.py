@@ -1,7 +1,9 @@
-"""Reply audio out to one socket: each sentence once and in order (TTS may
-finish them out of order), fetched by key from the audio store (one copy of
-the audio, whatever the number of sockets), and none of a stopped reply. A
-reply whose audio began before this socket said `hello` is text only here."""
+"""Reply audio out to one socket: each part once and in order (TTS may finish
+them out of order), and within a part each piece (`chunk` 0, 1, ..., the
+last one marked `last`) as soon as it comes, fetched by key from the audio
+store (one copy of the audio, whatever the number of sockets), and none of a
+stopped reply. A reply whose audio began before this socket said `hello` is
+text only here."""
 
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ class AudioSequencer:
         self.send_bytes = send_bytes
         self.fetch = fetch
         self.timing = timing  # extra fields for a reply's first audio (its latency)
-        self.sent: dict[str, int] = {}  # reply id -> sentences sent
-        self.waiting: dict[str, dict[int, dict]] = {}
+        self.sent: dict[str, int] = {}  # reply id -> parts sent whole
+        self.chunks: dict[str, int] = {}  # reply id -> pieces sent of its next part
+        self.waiting: dict[str, dict[tuple[int, int], dict]] = {}
         self.dropped: set[str] = set()
 
     async def push(self, message: dict, *, greeted: bool) -> None:
@@ -35,13 +38,20 @@ class AudioSequencer:
             self.dropped.add(reply_id)  # began before this socket: text only
         if reply_id in self.dropped:
             return
+        place = (message["index"], message.get("chunk", 0))
+        if place < (self.sent.get(reply_id, 0), self.chunks.get(reply_id, 0)):
+            return  # redelivered: sent already
         waiting = self.waiting.setdefault(reply_id, {})
-        waiting[message["index"]] = message
-        next_index = self.sent.setdefault(reply_id, 0)
-        while next_index in waiting:
-            await self._send(waiting.pop(next_index))
-            next_index += 1
-            self.sent[reply_id] = next_index
+        waiting[place] = message
+        self.sent.setdefault(reply_id, 0)
+        while (self.sent[reply_id], self.chunks.get(reply_id, 0)) in waiting:
+            piece = waiting.pop((self.sent[reply_id], self.chunks.get(reply_id, 0)))
+            await self._send(piece)
+            if piece.get("last", True):  # a worker older than pieces sends whole parts
+                self.sent[reply_id] += 1
+                self.chunks.pop(reply_id, None)
+            else:
+                self.chunks[reply_id] = self.chunks.get(reply_id, 0) + 1
             if reply_id in self.dropped:  # stopped while fetching
                 return
         if not waiting:
@@ -52,7 +62,7 @@ class AudioSequencer:
         self.sent.setdefault(reply_id, 0)
 
     def pending(self, reply_id: str, parts: int) -> bool:
-        """Whether some of the reply's `parts` sentences are not sent yet."""
+        """Whether some of the reply's `parts` parts are not sent whole yet."""
         return self.sent.get(reply_id, 0) < parts
 
     def drop_all(self) -> None:
@@ -64,7 +74,8 @@ class AudioSequencer:
         pcm = b""
         if message["bytes"]:
             pcm = await self.fetch(message["audio_key"]) or b""
-        extra = self.timing(message["reply_id"]) if message["index"] == 0 else {}
+        first = message["index"] == 0 and message.get("chunk", 0) == 0
+        extra = self.timing(message["reply_id"]) if first else {}
         await self.send_event(
             event(
                 "reply.audio.start",
@@ -74,6 +85,8 @@ class AudioSequencer:
                 format="pcm_s16le",
                 bytes=len(pcm),
                 engine=message.get("engine", ""),
+                chunk=message.get("chunk", 0),
+                last=message.get("last", True),
                 **extra,
             )
         )

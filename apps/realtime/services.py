@@ -1,14 +1,21 @@
 """What a socket needs from the system of record, in one call each: who may
 join which conversation (with the persona's engines and the user's quota),
 and what a (re)connecting socket is sent. Run on a database thread
-(`database_sync_to_async`); never on a frame."""
+(`database_sync_to_async`); never on a frame.
+
+socket_open reads the conversation and its persona from the context cache
+(apps/conversations/context.py: no query on a hit) and the quota from the user
+the session loaded; socket_resume runs one query (the turns to replay and the
+last turn together). The quota is not cached: it changes with every turn, and
+QuotaGate already reads it at most every QUOTA_REFRESH_S."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from uuid import UUID
 
-from apps.conversations.selectors import conversation_for_socket, messages_after, turn_unanswered
+from apps.conversations.models import Message
+from apps.conversations.selectors import conversation_for_socket, turns_for_resume
 from apps.conversations.services import replay_events
 from apps.pipeline.values import PersonaEngines
 
@@ -37,7 +44,7 @@ def socket_open(*, conversation_id: UUID, user) -> tuple[SocketContext | None, s
     persona = conversation.persona
     return (
         SocketContext(
-            conversation_id=conversation.id,
+            conversation_id=conversation.conversation_id,
             user_id=user.pk,
             persona={"name": persona.name, "slug": persona.slug, "avatar": persona.avatar},
             engines=PersonaEngines.of(persona),
@@ -48,10 +55,10 @@ def socket_open(*, conversation_id: UUID, user) -> tuple[SocketContext | None, s
 
 
 def socket_resume(*, conversation_id: UUID, resume_from: int) -> Resume:
-    messages = messages_after(conversation_id=conversation_id, seq=resume_from)
-    unanswered = turn_unanswered(conversation_id=conversation_id)
+    messages, last = turns_for_resume(conversation_id=conversation_id, seq=resume_from)
+    unanswered = last if last is not None and last.role == Message.Role.USER else None
     return Resume(
         last_seq=max([resume_from, *(m.seq for m in messages)]),
         events=replay_events(messages=messages),
-        unanswered_id=None if unanswered is None else str(unanswered.id),
+        unanswered_id=None if unanswered is None else str(unanswered.id),  # no reply began
     )

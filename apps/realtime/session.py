@@ -145,6 +145,10 @@ class Session:
         ms = self.replies.first_audio_ms(reply_id)
         if ms is None:
             return {}
+        running = self.replies.last
+        if running is not None and running.state.reply_id == reply_id and not running.state.done:
+            running.state.first_audio_ms = ms  # stored with the reply when it ends: no query
+            return {"first_token_to_first_audio_ms": ms}
         self.spawn(
             database_sync_to_async(message_record_first_audio)(
                 message_id=reply_id, first_token_to_first_audio_ms=ms

@@ -73,6 +73,8 @@ class SpeechIngest:
             max_utterance_ms=settings.VAD_MAX_UTTERANCE_MS,
         )
         self.partial_every_bytes = settings.STT_PARTIAL_EVERY_MS * BYTES_PER_MS
+        first_ms = min(settings.STT_FIRST_PARTIAL_MS, settings.STT_PARTIAL_EVERY_MS)
+        self.first_partial_bytes = first_ms * BYTES_PER_MS
         self.utterance: Utterance | None = None
         self.stream_ms = 0.0
         self.awaiting: dict[str, Utterance] = {}  # ended; the final waits for a candidate
@@ -121,7 +123,9 @@ class SpeechIngest:
         if not data:
             return
         length = self.live.audio_append(utterance.audio, data)
-        due_at = utterance.partial_at_bytes + self.partial_every_bytes
+        due_at = utterance.partial_at_bytes + (
+            self.partial_every_bytes if utterance.partial_at_bytes else self.first_partial_bytes
+        )
         if length >= due_at and not utterance.partial_in_flight:
             utterance.partial_in_flight = True
             utterance.partial_at_bytes = length

@@ -223,3 +223,16 @@ def test_usage_requires_login(client):
 
     assert response.status_code == 302
     assert response.url == f"{reverse('login')}?next=/accounts/usage/"
+
+
+# --- Query budgets per page ----------------------------------------------------------------
+
+# Measured, embedded: session and user (services mode: the session from the cache, 1).
+USAGE_QUERY_BUDGET = 2
+
+
+def test_usage_page_stays_within_its_query_budget(client, django_assert_max_num_queries):
+    client.force_login(UserFactory())
+
+    with django_assert_max_num_queries(USAGE_QUERY_BUDGET):
+        assert client.get("/accounts/usage/").status_code == 200

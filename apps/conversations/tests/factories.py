@@ -1,13 +1,14 @@
 import factory
-from django.db.models import F
+from django.db.models import Max
 
 from apps.accounts.tests.factories import UserFactory
+from apps.conversations import context
 from apps.conversations.models import Conversation, Message, TranscriptSegment
 from apps.personas.tests.factories import PersonaFactory
 
 
 class ConversationFactory(factory.django.DjangoModelFactory):
-    """A conversation with no messages; `last_seq` follows MessageFactory's seqs."""
+    """A conversation with no messages."""
 
     class Meta:
         model = Conversation
@@ -17,7 +18,8 @@ class ConversationFactory(factory.django.DjangoModelFactory):
 
 
 class MessageFactory(factory.django.DjangoModelFactory):
-    """A stored turn; its seq is the conversation's next one (last_seq is kept in step)."""
+    """A stored turn; its seq is the conversation's next one. Like the services,
+    it tells the context cache (a new generation of the conversation's history)."""
 
     class Meta:
         model = Message
@@ -30,12 +32,14 @@ class MessageFactory(factory.django.DjangoModelFactory):
 
     @factory.lazy_attribute
     def seq(self):
-        conversation = self.conversation
-        Conversation.objects.filter(pk=conversation.pk).update(last_seq=F("last_seq") + 1)
-        conversation.last_seq = Conversation.objects.values_list("last_seq", flat=True).get(
-            pk=conversation.pk
-        )
-        return conversation.last_seq
+        highest = Message.objects.filter(conversation=self.conversation).aggregate(Max("seq"))
+        return (highest["seq__max"] or 0) + 1
+
+    @classmethod
+    def _create(cls, model_class, *args, **kwargs):
+        message = super()._create(model_class, *args, **kwargs)
+        context.history_forget(conversation_id=message.conversation_id)
+        return message
 
 
 class TranscriptSegmentFactory(factory.django.DjangoModelFactory):

@@ -1,20 +1,27 @@
 import asyncio
+import threading
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
-from django.db import transaction
+from django.db import IntegrityError, connections, transaction
 
 from apps.accounts.tests.factories import UserFactory
+from apps.conversations import services
 from apps.conversations.models import Conversation, Message, TranscriptSegment
 from apps.conversations.selectors import (
-    conversation_list_for_user,
+    conversation_page_for_user,
     history_for_reply,
-    messages_after,
+    turns_for_resume,
 )
 from apps.conversations.services import (
     conversation_start,
+    message_record_first_audio,
     replay_events,
     reply_begin,
     reply_finish,
@@ -69,6 +76,15 @@ def listener(conversation):
     return GroupListener(conversation.id)
 
 
+def last_seq(conversation) -> int:
+    seqs = Message.objects.filter(conversation=conversation).values_list("seq", flat=True)
+    return max(seqs, default=0)
+
+
+def conversation_list_for_user(*, user, query=""):
+    return conversation_page_for_user(user=user, query=query, size=50).items
+
+
 def finalize(conversation, utterance_id="utt-1", text="Hello there", **overrides):
     return transcript_finalize(
         **{
@@ -88,7 +104,7 @@ def finalize(conversation, utterance_id="utt-1", text="Hello there", **overrides
 def finish(message, *, status=Message.Status.COMPLETE, text="Fine, thanks.", **overrides):
     return reply_finish(
         **{
-            "message_id": message.id,
+            "reply": message,
             "text": text,
             "status": status,
             "prompt_tokens": 30,
@@ -116,8 +132,7 @@ def test_conversation_start_stores_the_greeting_as_seq_1():
         "complete",
         "Ahoy!",
     )
-    conversation.refresh_from_db()
-    assert conversation.last_seq == 1
+    assert last_seq(conversation) == 1
 
 
 # --- transcript_finalize ------------------------------------------------------------------
@@ -154,8 +169,7 @@ def test_transcript_finalize_stores_message_and_segment_with_the_next_seq(
         2500,
     )
     assert (segment.text, segment.confidence) == ("What's the weather?", 0.9)
-    conversation.refresh_from_db()
-    assert conversation.last_seq == 3
+    assert last_seq(conversation) == 3
 
 
 def test_transcript_finalize_counts_the_audio_seconds(conversation):
@@ -173,7 +187,7 @@ def test_transcript_final_is_published_only_after_commit(
         message = finalize(conversation, speech_end_at=time.time())
         # then: not before the commit
         assert listener.drain() == []
-    assert len(callbacks) == 1
+    assert len(callbacks) == 2  # the context cache's update, then the event
 
     # then: after it
     [published] = listener.drain()
@@ -217,8 +231,7 @@ def test_transcript_finalize_twice_changes_and_publishes_nothing(
     assert TranscriptSegment.objects.count() == 1
     assert callbacks == []
     assert listener.drain() == []
-    conversation.refresh_from_db()
-    assert conversation.last_seq == 1
+    assert last_seq(conversation) == 1
     conversation.user.refresh_from_db()
     assert conversation.user.audio_seconds_used == pytest.approx(1.5)  # counted once
 
@@ -233,8 +246,7 @@ def test_empty_transcript_stores_nothing_and_publishes_transcript_empty(
     assert result is None
     assert not Message.objects.exists()
     assert not TranscriptSegment.objects.exists()
-    conversation.refresh_from_db()
-    assert conversation.last_seq == 0
+    assert last_seq(conversation) == 0
     assert listener.drain() == [{"type": "transcript.empty", "utterance_id": "utt-1"}]
 
 
@@ -382,6 +394,95 @@ def test_reply_finish_failed_publishes_done_with_the_error_code(
     )
 
 
+def test_reply_finish_stores_the_first_audio_timing_that_came_before_the_end(conversation):
+    reply = reply_begin(conversation_id=conversation.id, provider="echo")
+
+    finish(reply, first_token_to_first_audio_ms=240)
+
+    reply.refresh_from_db()
+    assert reply.first_token_to_first_audio_ms == 240
+
+
+def test_a_first_audio_timing_stored_on_its_own_is_kept_by_reply_finish(conversation):
+    # given a first audio that came while the reply was being stored
+    reply = reply_begin(conversation_id=conversation.id, provider="echo")
+    message_record_first_audio(message_id=reply.id, first_token_to_first_audio_ms=310)
+
+    # when the reply is stored without one
+    finish(reply)
+
+    # then
+    reply.refresh_from_db()
+    assert reply.first_token_to_first_audio_ms == 310
+
+
+def test_reply_finish_of_an_unknown_reply_raises(conversation):
+    ghost = Message(id=uuid.uuid4(), conversation=conversation, seq=99)
+
+    with pytest.raises(Message.DoesNotExist):
+        finish(ghost)
+
+
+def test_a_seq_taken_by_a_concurrent_writer_is_stored_again_with_the_next(conversation):
+    # given another writer that stored seq 1 while this one's INSERT picked 1 too
+    # (Postgres: neither saw the other's row), so the unique constraint refused it
+    MessageFactory(conversation=conversation, text="the other writer")
+    real_insert = services._turn_insert
+    calls = []
+
+    def raced(message):
+        if not calls:
+            calls.append("raced")
+            cause = Exception("duplicate key")  # what psycopg raises names the constraint
+            cause.diag = SimpleNamespace(constraint_name="message_unique_seq")  # type: ignore[attr-defined]
+            raise IntegrityError("duplicate key") from cause
+        return real_insert(message)
+
+    with mock.patch.object(services, "_turn_insert", raced):
+        message = text_message_add(conversation_id=conversation.id, text="mine")
+
+    assert message.seq == 2 and calls == ["raced"]
+    assert last_seq(conversation) == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_writers_at_once_get_distinct_seqs_in_order():
+    # given one conversation and eight writers (threads, each its own connection)
+    conversation = ConversationFactory()
+    start = threading.Barrier(8)
+
+    def writer(n: int) -> list[int]:
+        try:
+            start.wait(timeout=30)
+            return [
+                text_message_add(conversation_id=conversation.id, text=f"{n}-{i}").seq
+                for i in range(3)
+            ]
+        finally:
+            connections.close_all()
+
+    # when they all store turns at once (on Postgres they pick the same seqs and the
+    # unique constraint sends all but one to store again)
+    with ThreadPoolExecutor(8) as pool:
+        seqs = [seq for got in pool.map(writer, range(8)) for seq in got]
+
+    # then every turn has its own seq, 1 to 24, each writer's in its own order
+    assert sorted(seqs) == list(range(1, 25))
+    assert last_seq(conversation) == 24
+
+
+def test_any_other_integrity_error_is_not_retried(conversation):
+    with (
+        pytest.raises(IntegrityError),
+        mock.patch.object(
+            services, "_turn_insert", side_effect=IntegrityError("something else")
+        ) as insert,
+    ):
+        text_message_add(conversation_id=conversation.id, text="x")
+
+    assert insert.call_count == 1
+
+
 def test_token_usage_adds_up_across_replies(conversation):
     for _ in range(3):
         finish(reply_begin(conversation_id=conversation.id, provider="echo"))
@@ -414,8 +515,7 @@ def test_seqs_are_unique_and_increasing_across_mixed_calls():
     assert [message.seq for message in made] == [2, 3, 4, 5, 6]
     seqs = list(Message.objects.filter(conversation=conversation).values_list("seq", flat=True))
     assert seqs == [1, 2, 3, 4, 5, 6]
-    conversation.refresh_from_db()
-    assert conversation.last_seq == 6
+    assert last_seq(conversation) == 6
 
 
 def test_seqs_are_per_conversation(conversation):
@@ -427,7 +527,7 @@ def test_seqs_are_per_conversation(conversation):
     assert message.seq == 1
 
 
-# --- replay_events / messages_after ------------------------------------------------------
+# --- replay_events / turns_for_resume ----------------------------------------------------
 
 
 @pytest.fixture
@@ -452,28 +552,40 @@ def stored_turns(conversation):
     return conversation
 
 
-def test_messages_after_excludes_streaming_replies_and_earlier_seqs(stored_turns):
-    assert [m.seq for m in messages_after(conversation_id=stored_turns.id, seq=0)] == [
-        1,
-        2,
-        3,
-        4,
-        5,
-    ]
-    assert [m.seq for m in messages_after(conversation_id=stored_turns.id, seq=3)] == [4, 5]
-    assert messages_after(conversation_id=stored_turns.id, seq=5) == []
+def seqs_after(conversation, seq: int) -> list[int]:
+    return [m.seq for m in turns_for_resume(conversation_id=conversation.id, seq=seq)[0]]
 
 
-def test_messages_after_only_reads_its_conversation(stored_turns):
+def test_turns_for_resume_excludes_streaming_replies_and_earlier_seqs(stored_turns):
+    assert seqs_after(stored_turns, 0) == [1, 2, 3, 4, 5]
+    assert seqs_after(stored_turns, 3) == [4, 5]
+    assert seqs_after(stored_turns, 5) == []
+    assert seqs_after(stored_turns, 99) == []
+
+
+def test_turns_for_resume_finds_the_last_turn_streaming_or_not(
+    stored_turns, django_assert_num_queries
+):
+    # the last turn is the streaming reply (6), whatever the client has seen
+    for seq in (0, 5, 6):
+        with django_assert_num_queries(1):  # one query when seq is not past the last turn
+            _, last = turns_for_resume(conversation_id=stored_turns.id, seq=seq)
+        assert (last.seq, last.status) == (6, "streaming")
+    with django_assert_num_queries(2):  # past it (a client from elsewhere): a second query
+        assert turns_for_resume(conversation_id=stored_turns.id, seq=99)[1].seq == 6
+    assert turns_for_resume(conversation_id=ConversationFactory().id, seq=0) == ([], None)
+
+
+def test_turns_for_resume_only_reads_its_conversation(stored_turns):
     MessageFactory(conversation=ConversationFactory())
 
-    assert len(messages_after(conversation_id=stored_turns.id, seq=0)) == 5
+    assert len(seqs_after(stored_turns, 0)) == 5
 
 
 def test_replay_events_in_seq_order_marked_replayed(stored_turns, django_assert_num_queries):
     # given
     with django_assert_num_queries(1):  # the segment comes with its message
-        messages = messages_after(conversation_id=stored_turns.id, seq=0)
+        messages, _ = turns_for_resume(conversation_id=stored_turns.id, seq=0)
         # when
         events = replay_events(messages=messages)
 
@@ -525,7 +637,7 @@ def test_history_for_reply_always_has_the_latest_turn_even_over_budget(conversat
 
     picked = history_for_reply(conversation_id=conversation.id, budget_tokens=10)
 
-    assert picked == [latest]
+    assert [turn.seq for turn in picked] == [latest.seq]
 
 
 def test_history_for_reply_skips_streaming_and_empty_turns(conversation):
@@ -537,7 +649,7 @@ def test_history_for_reply_skips_streaming_and_empty_turns(conversation):
 
     picked = history_for_reply(conversation_id=conversation.id, budget_tokens=1000)
 
-    assert picked == [said]
+    assert picked == [(said.seq, "user", "said")]
 
 
 # --- conversation_list_for_user -------------------------------------------------------------

@@ -5,6 +5,8 @@ import pytest
 from django.urls import reverse
 
 from apps.accounts.tests.factories import UserFactory
+from apps.conversations import views
+from apps.conversations.models import Conversation
 from apps.personas.tests.factories import PersonaFactory
 
 from .factories import ConversationFactory, MessageFactory
@@ -149,3 +151,165 @@ def test_pages_carry_a_content_security_policy_without_inline_scripts(client):
     assert "frame-ancestors 'none'" in policy
     scripts = re.findall(r"<script\b[^>]*>", response.content.decode())
     assert scripts and all(" src=" in tag for tag in scripts), scripts
+
+
+# --- Keyset pages -------------------------------------------------------------------------
+
+
+def history_page(client, **params):
+    response = client.get("/conversations/", params)
+    assert response.status_code == 200
+    return response
+
+
+def test_history_pages_by_keyset_newest_first_with_working_links(client, user, settings):
+    # given more conversations than a page, two of them started at the same instant
+    made = [ConversationFactory(user=user) for _ in range(views.HISTORY_PAGE_SIZE + 3)]
+    same = made[-1].started_at
+    Conversation.objects.filter(pk=made[-2].pk).update(started_at=same)
+    newest_first = list(Conversation.objects.filter(user=user).order_by("-started_at", "-id"))
+
+    # when the first page, then the next one through its own link
+    first = history_page(client)
+    older = first.context["older"]
+    second = history_page(client, before=older)
+
+    # then together they list each conversation once, in order
+    assert listed(first) == newest_first[: views.HISTORY_PAGE_SIZE]
+    assert listed(second) == newest_first[views.HISTORY_PAGE_SIZE :]
+    assert f"before={older}" in first.content.decode()
+    assert first.context["newer"] is None and second.context["older"] is None
+    # and back: the page before the second is the first
+    back = history_page(client, after=second.context["newer"])
+    assert listed(back) == listed(first)
+
+
+def test_history_search_pages_keep_the_query(client, user):
+    persona = PersonaFactory(name="Ada")
+    for _ in range(views.HISTORY_PAGE_SIZE + 1):
+        ConversationFactory(user=user, persona=persona)
+
+    first = history_page(client, q="ada")
+
+    assert f"q=ada&amp;before={first.context['older']}" in first.content.decode()
+    assert len(listed(history_page(client, q="ada", before=first.context["older"]))) == 1
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"before": "yesterday"},
+        {"before": "123"},
+        {"before": f"12-{uuid.uuid4().hex[:31]}"},
+        {"before": f"-12-{uuid.uuid4().hex}"},
+        {"before": f"{'9' * 30}-{uuid.uuid4().hex}"},
+        {"after": "nonsense"},
+        {"before": f"1-{uuid.uuid4().hex}", "after": f"1-{uuid.uuid4().hex}"},
+    ],
+)
+def test_a_bad_history_cursor_is_a_clear_400(client, user, params):
+    response = client.get("/conversations/", params)
+
+    assert response.status_code == 400
+    text = response.content.decode()
+    assert "cursor" in text.lower() or "not both" in text
+
+
+def test_transcript_pages_by_seq_with_working_links(client, user, monkeypatch):
+    monkeypatch.setattr(views, "TRANSCRIPT_PAGE_SIZE", 3)
+    conversation = ConversationFactory(user=user)
+    turns = [MessageFactory(conversation=conversation, text=f"turn {n}") for n in range(7)]
+    MessageFactory(conversation=conversation, role="assistant", status="interrupted", text="")
+
+    first = client.get(f"/conversations/{conversation.id}/transcript/")
+    later = first.context["later"]
+    second = client.get(f"/conversations/{conversation.id}/transcript/", {"after": later})
+    third = client.get(
+        f"/conversations/{conversation.id}/transcript/", {"after": second.context["later"]}
+    )
+    back = client.get(
+        f"/conversations/{conversation.id}/transcript/", {"before": second.context["earlier"]}
+    )
+
+    def texts(response):
+        return [m.text for m in response.context["messages"]]
+
+    assert texts(first) == ["turn 0", "turn 1", "turn 2"]
+    assert texts(second) == ["turn 3", "turn 4", "turn 5"]
+    assert texts(third) == ["turn 6"]  # the empty turn after it is not shown
+    assert texts(back) == texts(first)
+    assert (first.context["earlier"], third.context["later"]) == (None, None)
+    assert f"?after={turns[2].seq}" in first.content.decode()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"after": "two"},
+        {"before": "-1"},
+        {"after": "1.5"},
+        {"after": "9" * 11},
+        {"before": "1", "after": "2"},
+    ],
+)
+def test_a_bad_transcript_cursor_is_a_clear_400(client, user, params):
+    conversation = ConversationFactory(user=user)
+
+    response = client.get(f"/conversations/{conversation.id}/transcript/", params)
+
+    assert response.status_code == 400
+    assert b"cursor" in response.content or b"not both" in response.content
+
+
+def test_a_bad_cursor_on_someone_elses_transcript_is_still_400_not_a_leak(client, user):
+    theirs = ConversationFactory()
+
+    assert client.get(f"/conversations/{theirs.id}/transcript/", {"after": "x"}).status_code == 400
+    assert client.get(f"/conversations/{theirs.id}/transcript/", {"after": "1"}).status_code == 404
+
+
+# --- Query budgets per page ----------------------------------------------------------------
+
+# Measured, embedded: the session and the user (2) plus the page's own queries: history 1
+# (one page, with its message counts), transcript 2 (the conversation with its persona, one
+# page of turns), conversation 1. In services mode the session comes from the cache: one
+# less each. However many conversations and turns there are.
+PAGE_QUERY_BUDGETS = {"history": 3, "transcript": 4, "conversation": 3}
+
+
+@pytest.fixture
+def busy_user(client, user):
+    """Many conversations with many turns: a budget must not grow with them."""
+    persona = PersonaFactory(name="Ada")
+    conversations = [ConversationFactory(user=user, persona=persona) for _ in range(60)]
+    for conversation in conversations[:3]:
+        for _ in range(120):
+            MessageFactory(conversation=conversation)
+    return conversations[0]
+
+
+def test_history_page_stays_within_its_query_budget(
+    client, busy_user, django_assert_max_num_queries
+):
+    with django_assert_max_num_queries(PAGE_QUERY_BUDGETS["history"]):
+        response = client.get("/conversations/")
+    assert len(listed(response)) == views.HISTORY_PAGE_SIZE
+    with django_assert_max_num_queries(PAGE_QUERY_BUDGETS["history"]):
+        client.get("/conversations/", {"q": "Ada", "before": response.context["older"]})
+
+
+def test_transcript_page_stays_within_its_query_budget(
+    client, busy_user, django_assert_max_num_queries
+):
+    with django_assert_max_num_queries(PAGE_QUERY_BUDGETS["transcript"]):
+        response = client.get(f"/conversations/{busy_user.id}/transcript/")
+    assert len(response.context["messages"]) == views.TRANSCRIPT_PAGE_SIZE
+    with django_assert_max_num_queries(PAGE_QUERY_BUDGETS["transcript"]):
+        client.get(f"/conversations/{busy_user.id}/transcript/", {"after": 50})
+
+
+def test_conversation_page_stays_within_its_query_budget(
+    client, busy_user, django_assert_max_num_queries
+):
+    with django_assert_max_num_queries(PAGE_QUERY_BUDGETS["conversation"]):
+        assert client.get(f"/conversations/{busy_user.id}/").status_code == 200

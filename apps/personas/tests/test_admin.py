@@ -1,15 +1,20 @@
 import pytest
 from django.contrib.auth.models import Permission
 from django.contrib.messages import get_messages
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from apps.accounts.models import User
 from apps.accounts.tests.factories import UserFactory
+from apps.conversations.context import persona_of
+from apps.conversations.services import conversation_start, text_message_add
 from apps.conversations.tests.factories import (
     ConversationFactory,
     MessageFactory,
     TranscriptSegmentFactory,
 )
 from apps.personas.models import Persona
+from apps.pipeline.services import reply_prepare
 
 from .factories import PersonaFactory
 
@@ -308,3 +313,98 @@ def test_view_only_staff_cannot_reset_usage(view_only_staff):
 
     spent.refresh_from_db()
     assert spent.tokens_used == 5
+
+
+# --- An edit reaches the next turn ------------------------------------------------------------
+
+
+def persona_form(persona: Persona, **changes) -> dict:
+    fields = {
+        "name": persona.name,
+        "slug": persona.slug,
+        "avatar": persona.avatar,
+        "description": persona.description,
+        "is_published": "on" if persona.is_published else "",
+        "system_prompt": persona.system_prompt,
+        "greeting": persona.greeting,
+        "llm_kind": persona.llm_kind,
+        "llm_model": persona.llm_model,
+        "temperature": persona.temperature,
+        "max_tokens": persona.max_tokens,
+        "stt_kind": persona.stt_kind,
+        "tts_kind": persona.tts_kind,
+        "voice": persona.voice,
+        **changes,
+    }
+    return {name: value for name, value in fields.items() if value != ""}
+
+
+@pytest.fixture
+def talked_to(settings):
+    """A persona whose context the cache has: one turn was prepared already. (The
+    services publish on an in-memory layer: these tests check the cache.)"""
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    persona = PersonaFactory(system_prompt="Old prompt.", llm_model="", tts_kind="espeak")
+    conversation = conversation_start(user=UserFactory(), persona=persona)
+    text_message_add(conversation_id=conversation.id, text="hello")
+    plan = reply_prepare(conversation_id=conversation.id)
+    assert plan.request.system_prompt == "Old prompt."
+    return persona, conversation
+
+
+@pytest.mark.django_db(transaction=True)  # the cache is written when the edit commits
+def test_an_admin_edit_of_a_persona_is_used_on_the_next_turn(admin_browser, talked_to):
+    persona, conversation = talked_to
+
+    # when staff change its prompt, model, temperature and voice in the admin
+    response = admin_browser.post(
+        f"/admin/personas/persona/{persona.pk}/change/",
+        persona_form(
+            persona,
+            system_prompt="New prompt.",
+            llm_model="gpt-new",
+            temperature=1.5,
+            tts_kind="piper",
+            voice="en_US-other",
+        ),
+    )
+    assert response.status_code == 302, response.content[:1000]
+
+    # then the very next turn uses every change (served by the cache: no persona query)
+    with CaptureQueriesContext(connection) as captured:
+        plan = reply_prepare(conversation_id=conversation.id)
+    assert plan.request.system_prompt == "New prompt."
+    assert (plan.request.model, plan.request.temperature) == ("gpt-new", 1.5)
+    assert (plan.engines.tts, plan.engines.voice) == ("piper", "en_US-other")
+    assert not [q for q in captured.captured_queries if '"personas_persona"' in q["sql"]]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_list_editable_change_also_reaches_the_cache(admin_browser, talked_to):
+    persona, _ = talked_to
+
+    response = admin_browser.post(
+        "/admin/personas/persona/",
+        {
+            "form-TOTAL_FORMS": "1",
+            "form-INITIAL_FORMS": "1",
+            "form-0-id": str(persona.pk),
+            "form-0-is_published": "",
+            "_save": "Save",
+        },
+    )
+
+    assert response.status_code == 302, response.content[:1000]
+    assert persona_of(persona_id=persona.pk).is_published is False
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_deleted_persona_leaves_the_cache(admin_browser):
+    persona = PersonaFactory()
+    persona_of(persona_id=persona.pk)  # cached
+
+    response = admin_browser.post(f"/admin/personas/persona/{persona.pk}/delete/", {"post": "yes"})
+
+    assert response.status_code == 302
+    with pytest.raises(Persona.DoesNotExist):
+        persona_of(persona_id=persona.pk)

@@ -1,4 +1,4 @@
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,6 +38,20 @@ class Speech:
     sample_rate: int
 
 
+@dataclass(frozen=True)
+class SpeechChunk:
+    """One piece of a text's audio, given out as soon as it is made."""
+
+    pcm: bytes  # PCM16 LE mono
+    sample_rate: int
+    last: bool  # no more pieces of this text follow
+
+
+def speech_in_one_chunk(speech: Speech) -> Iterator[SpeechChunk]:
+    """`synthesize_stream` for an engine that makes a text's audio in one piece."""
+    yield SpeechChunk(pcm=speech.pcm, sample_rate=speech.sample_rate, last=True)
+
+
 @dataclass
 class ReplyStream:
     """What an LLM engine yields: text deltas, and usage filled in by the end."""
@@ -53,8 +67,9 @@ class SpeechToText(Protocol):
         """Transcribe 16 kHz PCM16 mono audio; empty text when nothing was said."""
         ...
 
-    def transcribe_batch(self, pcms: list[bytes]) -> list[Transcript]:
-        """Several windows at once (from different sessions); same order out."""
+    def transcribe_batch(self, pcms: list[bytes], *, draft: bool = False) -> list[Transcript]:
+        """Several windows at once (from different sessions); same order out.
+        `draft`: a live draft, which may take a cheaper, less exact path."""
         ...
 
 
@@ -68,6 +83,11 @@ class TextToSpeech(Protocol):
     kind: str
 
     def synthesize(self, text: str, *, voice: str = "") -> Speech: ...
+
+    def synthesize_stream(self, text: str, *, voice: str = "") -> Iterator[SpeechChunk]:
+        """The same audio as `synthesize`, in pieces in speaking order, each as soon
+        as it exists; the last has `last=True`. At least one piece, even for no text."""
+        ...
 
 
 class ProviderError(Exception):

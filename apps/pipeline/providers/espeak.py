@@ -4,9 +4,10 @@ tests. The text goes to the process as one argument (after `--`), never through 
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 
 from ..audio import wav_read
-from .base import ProviderError, Speech
+from .base import ProviderError, Speech, SpeechChunk, speech_in_one_chunk
 
 DEFAULT_VOICE = "en-us"
 VOICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+\-]{0,40}$")
@@ -18,6 +19,9 @@ class EspeakTTS:
 
     def __init__(self) -> None:
         self.binary = shutil.which("espeak-ng")
+
+    def synthesize_stream(self, text: str, *, voice: str = "") -> Iterator[SpeechChunk]:
+        return speech_in_one_chunk(self.synthesize(text, voice=voice))  # one request, one piece
 
     def synthesize(self, text: str, *, voice: str = "") -> Speech:
         if self.binary is None:

@@ -38,6 +38,6 @@ class OpenAISTT:
             ) from exc
         return Transcript((result.text or "").strip())
 
-    def transcribe_batch(self, pcms: list[bytes]) -> list[Transcript]:
+    def transcribe_batch(self, pcms: list[bytes], *, draft: bool = False) -> list[Transcript]:
         """One request per window; the API has no batch endpoint."""
         return [self.transcribe(pcm) for pcm in pcms]

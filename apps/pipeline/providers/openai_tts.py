@@ -1,9 +1,11 @@
 """Text-to-speech through an OpenAI-compatible /v1/audio/speech endpoint (raw PCM)."""
 
+from collections.abc import Iterator
+
 import openai
 from django.conf import settings
 
-from .base import ProviderError, Speech
+from .base import ProviderError, Speech, SpeechChunk, speech_in_one_chunk
 from .openai_stt import sync_client
 
 OPENAI_PCM_RATE = 24_000  # response_format="pcm" is 24 kHz PCM16 LE mono
@@ -16,6 +18,9 @@ class OpenAITTS:
     def __init__(self) -> None:
         self.client = sync_client()
         self.model = settings.OPENAI_TTS_MODEL
+
+    def synthesize_stream(self, text: str, *, voice: str = "") -> Iterator[SpeechChunk]:
+        return speech_in_one_chunk(self.synthesize(text, voice=voice))  # one request, one piece
 
     def synthesize(self, text: str, *, voice: str = "") -> Speech:
         if not text.strip():

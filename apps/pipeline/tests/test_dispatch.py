@@ -102,3 +102,51 @@ def test_the_native_message_is_the_one_kombu_writes(settings):
         ours["headers"]["id"] == ours["headers"]["root_id"] == ours["properties"]["correlation_id"]
     )
     assert ours["headers"]["expires"][:16] == theirs["headers"]["expires"][:16]  # to the minute
+
+
+async def test_the_backlog_counts_jobs_not_yet_taken(services_mode, settings):
+    """What the STT batcher reads to back drafts off: jobs waiting in a queue."""
+    queue = f"test-backlog-{uuid.uuid4().hex[:8]}"
+    if not services_mode:
+        # embedded defaults: the in-process executor's queue, behind its busy threads
+        settings.CELERY_BROKER_URL = ""
+        release = threading.Event()
+        started: list[int] = []
+
+        def hold(**kwargs) -> None:
+            started.append(1)
+            release.wait(10)
+
+        task = _app("memory://").task(name=f"t.{queue}")(hold)
+        for _ in range(settings.IN_PROCESS_WORKERS + 3):
+            dispatch.enqueue(task, queue=queue)
+        try:
+            for _ in range(100):
+                if len(started) == settings.IN_PROCESS_WORKERS:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(started) == settings.IN_PROCESS_WORKERS  # every thread is busy
+            assert dispatch.queue_backlog(queue) == 3
+        finally:
+            release.set()
+        for _ in range(100):
+            if dispatch.queue_backlog(queue) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert dispatch.queue_backlog(queue) == 0
+        return
+    from config.celery import app
+
+    task = app.task(name=f"t.{queue}")(_noop)
+    for _ in range(3):
+        dispatch.enqueue(task, queue=queue, expires=5)
+    client = redis.Redis.from_url(django_settings.CELERY_BROKER_URL)
+    try:
+        for _ in range(100):
+            if dispatch.queue_backlog(queue) == 3:
+                break
+            await asyncio.sleep(0.05)
+        assert dispatch.queue_backlog(queue) == 3
+        assert dispatch.queue_backlog(f"{queue}-empty") == 0
+    finally:
+        client.delete(queue)

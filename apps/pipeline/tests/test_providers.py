@@ -110,6 +110,49 @@ def test_piper_ignores_a_voice_that_is_not_an_onnx_file(piper):
 
 def test_piper_empty_text_is_silence(piper):
     assert piper.synthesize("  ").pcm == b""
+    assert [(c.pcm, c.last) for c in piper.synthesize_stream("  ")] == [(b"", True)]
+
+
+def test_piper_streams_each_sentence_it_finds_as_soon_as_it_is_made(piper, whisper, monkeypatch):
+    # given a text Piper speaks as three sentences, and a count of sentences made
+    text = "Good evening, and welcome to the show. I would like to book a table. We come at eight."
+    voice = piper._voice(piper.default_path)
+    made = []
+    real = voice.phoneme_ids_to_audio
+    monkeypatch.setattr(
+        voice, "phoneme_ids_to_audio", lambda *a, **kw: made.append(1) or real(*a, **kw)
+    )
+
+    # when the first piece is taken
+    stream = piper.synthesize_stream(text)
+    first = next(stream)
+
+    # then only the first sentence has been made (and is what the piece says)
+    assert len(made) == 1 and first.pcm and not first.last
+    heard_first = normalised(whisper.transcribe(to_16k(first.pcm)).text)
+    assert "welcome" in heard_first and "table" not in heard_first
+    # and the rest follows, one piece a sentence, the last one marked
+    rest = list(stream)
+    assert len(made) == 3 and [c.last for c in rest] == [False, True]
+    pieces = [first, *rest]
+    assert {c.sample_rate for c in pieces} == {22_050}
+    # and the pieces together say the whole text, as long as `synthesize` says it
+    pcm = b"".join(c.pcm for c in pieces)
+    heard = normalised(whisper.transcribe(to_16k(pcm)).text).split()
+    keywords = ["welcome", "table", "eight"]  # one a sentence
+    assert [w for w in heard if w in keywords] == keywords
+    seconds = pcm16_seconds(pcm, 22_050)
+    assert seconds == pytest.approx(pcm16_seconds(piper.synthesize(text).pcm, 22_050), rel=0.2)
+
+
+def test_piper_speaks_one_clause_in_one_piece(piper):
+    pieces = list(piper.synthesize_stream("Sure, here is what I think about it,"))
+
+    assert [c.last for c in pieces] == [True] and pieces[0].pcm
+
+
+def to_16k(pcm: bytes) -> bytes:
+    return pcm16_resample(pcm, from_rate=22_050, to_rate=16_000)
 
 
 def test_espeak_produces_audio():
@@ -117,6 +160,12 @@ def test_espeak_produces_audio():
 
     assert speech.sample_rate == 22_050
     assert pcm16_seconds(speech.pcm, speech.sample_rate) > 0.5
+
+
+def test_espeak_gives_its_audio_as_one_last_piece():
+    [piece] = EspeakTTS().synthesize_stream("One sentence. And another one.")
+
+    assert piece.last and pcm16_seconds(piece.pcm, piece.sample_rate) > 1.0
 
 
 def test_espeak_speaks_option_like_text_instead_of_parsing_it():
@@ -271,6 +320,13 @@ def test_openai_tts_returns_24khz_pcm(fake):
     assert sent["response_format"] == "pcm"
     assert sent["voice"] == "alloy"
     assert sent["input"] == "Hello there."
+
+
+def test_openai_tts_gives_its_audio_as_one_last_piece(fake):
+    [piece] = OpenAITTS().synthesize_stream("Hello there. How are you?")
+
+    assert piece.last and piece.sample_rate == 24_000
+    assert len(piece.pcm) == int(fake.speech_seconds * 24_000) * 2
 
 
 def test_openai_tts_failure_is_tts_unavailable(fake):

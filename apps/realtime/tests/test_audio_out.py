@@ -54,3 +54,46 @@ async def test_a_stop_drops_known_replies_and_a_late_joiner_gets_text_only():
     await out.push(audio("c", 0, 2), greeted=True)  # a new reply after the stop
 
     assert [m["reply_id"] for m in sent if isinstance(m, dict)] == ["c"]
+
+
+def piece(reply_id: str, index: int, chunk: int, size: int, *, last: bool) -> dict:
+    return {**audio(reply_id, index, size), "audio_key": f"{reply_id}:{index}:{chunk}",
+            "chunk": chunk, "last": last}  # fmt: skip
+
+
+async def test_a_parts_pieces_go_out_as_they_come_and_the_next_part_waits_for_its_last():
+    blobs = {"r:0:0": bytes(2), "r:0:1": bytes(4), "r:0:2": bytes(6), "r:1:0": bytes(8)}
+    sent: list = []
+    out = sequencer(blobs, sent)
+
+    # part 1 (one piece) is made before part 0 is done
+    await out.push(piece("r", 1, 0, 8, last=True), greeted=True)
+    await out.push(piece("r", 0, 0, 2, last=False), greeted=True)
+    assert [m["chunk"] for m in sent if isinstance(m, dict)] == [0]  # part 0's first piece at once
+    assert out.pending("r", 1)  # part 0 is not sent whole yet
+    await out.push(piece("r", 0, 2, 6, last=True), greeted=True)
+    await out.push(piece("r", 0, 0, 2, last=False), greeted=True)  # redelivered
+    assert len([m for m in sent if isinstance(m, dict)]) == 1  # piece 1 is missing still
+    await out.push(piece("r", 0, 1, 4, last=False), greeted=True)
+
+    starts = [m for m in sent if isinstance(m, dict)]
+    assert [(m["index"], m["chunk"], m["last"]) for m in starts] == [
+        (0, 0, False), (0, 1, False), (0, 2, True), (1, 0, True)
+    ]  # fmt: skip
+    assert [m for m in sent if isinstance(m, int)] == [2, 4, 6, 8]
+    assert "first_token_to_first_audio_ms" in starts[0]
+    assert not any("first_token_to_first_audio_ms" in m for m in starts[1:])
+    assert not out.pending("r", 2) and out.pending("r", 3)
+    await out.push(piece("r", 1, 0, 8, last=True), greeted=True)  # redelivered late
+    assert len([m for m in sent if isinstance(m, dict)]) == 4
+
+
+async def test_a_stop_between_two_pieces_drops_the_rest_of_the_part():
+    sent: list = []
+    out = sequencer({"r:0:0": b"xx", "r:0:1": b"yy"}, sent)
+    await out.push(piece("r", 0, 0, 2, last=False), greeted=True)
+
+    out.drop_all()
+    await out.push(piece("r", 0, 1, 2, last=True), greeted=True)
+
+    assert [m["chunk"] for m in sent if isinstance(m, dict)] == [0]

@@ -449,12 +449,13 @@ async def test_a_spoken_sentence_opens_and_closes_an_utterance_and_queues_a_cand
     start, end = events
     assert start["utterance_id"] == end["utterance_id"]
     assert end["reason"] == "silence"
-    # one partial once STT_PARTIAL_EVERY_MS of audio is buffered (no second one while it
+    # one partial once STT_FIRST_PARTIAL_MS of audio is buffered (no second one while it
     # is in flight: its transcript.partial never comes back here); a candidate at each
     # pause, on the final's queue; the last pause became the end
     purposes = [job["purpose"] for job in jobs]
     assert purposes[0] == "partial" and jobs[0]["queue"] == "stt_partial"
-    assert jobs[0]["end_byte"] >= settings.STT_PARTIAL_EVERY_MS * BYTES_PER_MS
+    first_ms = settings.STT_FIRST_PARTIAL_MS
+    assert first_ms * BYTES_PER_MS <= jobs[0]["end_byte"] < (first_ms + 200) * BYTES_PER_MS
     candidates = [job for job in jobs if job["purpose"] == "candidate"]
     assert candidates and all(job["queue"] == "stt" for job in candidates)
     last = candidates[-1]

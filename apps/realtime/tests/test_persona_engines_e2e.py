@@ -72,7 +72,7 @@ def engines_server(live_env, services_mode, fake):
     if services_mode:
         env["CELERY_BROKER_URL"] = other_redis_db(settings.CELERY_BROKER_URL)
         redis.Redis.from_url(env["CELERY_BROKER_URL"]).flushdb()  # tasks left by a killed run
-        worker = live.start_worker(env, concurrency=1)
+        worker = live.start_worker(env)
     try:
         server = live.start_daphne(env)
     except Exception:

@@ -9,10 +9,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from django.test import Client
+import requests
 from django.urls import reverse
 
 from apps.accounts.models import User
+from apps.accounts.services import session_key_create
 from apps.conversations.models import Message, TranscriptSegment
 from apps.personas.models import Persona
 from apps.pipeline.providers.registry import stt_get
@@ -68,7 +69,11 @@ def test_streamed_transcripts_match_offline_and_replies_are_spoken(talker):
             for e in events
             if e["type"] == "reply.audio.start" and e["reply_id"] == done["reply_id"]
         ]
-        assert [s["index"] for s in starts] == list(range(len(starts))) and starts, name
+        # in order: parts by index, each in one or more pieces, the last marked `last`
+        places = [(s["index"], s["chunk"]) for s in starts]
+        assert places == sorted(places) and len(set(places)) == len(places), name
+        parts = [s["index"] for s in starts if s["last"]]
+        assert parts == list(range(len(parts))) == list(range(done["audio_parts"])), name
         announced = sum(s["bytes"] for s in starts)
         received = sum(e["bytes"] for e in events if e["type"] == "binary")
         assert received >= announced > 0
@@ -106,9 +111,12 @@ def test_partials_come_before_each_final(talker):
         ]
         if lengths[final["utterance_id"]] >= 1500:
             assert partials, final
-        # a draft is a draft of this utterance: its words lead into the final's
-        for partial in partials:
-            assert partial["text"].split()[0].lower().strip(",.") in final["text"].lower()
+        # the drafts are of this utterance: the last (the one that heard the most; an
+        # early one may mishear a word, "And so" as "Answer") says mostly the final's words
+        if partials:
+            said = set(normalize(final["text"]).split())
+            words = normalize(partials[-1]["text"]).split()
+            assert sum(word in said for word in words) >= len(words) / 2, (partials, final)
 
 
 @pytest.mark.parametrize("clip", ["leopard_empty.wav", "speechbrain_noise2.wav"])
@@ -306,7 +314,7 @@ def test_two_sessions_each_get_only_their_own_events(talker):
     assert_no_error(alice, bob)
 
 
-def test_persona_voice_switch_takes_effect_on_the_next_turn(talker):
+def test_persona_voice_switch_takes_effect_on_the_next_turn(talker, voice_server):
     client = talker("ada")
     persona = Persona.objects.get(slug="ada")
 
@@ -319,10 +327,14 @@ def test_persona_voice_switch_takes_effect_on_the_next_turn(talker):
 
     assert reply_engine() == "piper"
 
-    # staff switch the voice in the admin, while the socket stays open
+    # staff switch the voice in the admin, while the socket stays open: the admin of the
+    # server that serves the socket (on embedded defaults its cache is that process's)
     staff = User.objects.create_superuser("staff", password="pw-123456!")
-    browser = Client()
-    browser.force_login(staff)
+    browser = requests.Session()
+    browser.trust_env = False  # no proxies
+    browser.cookies.set("sessionid", session_key_create(user=staff))
+    change_url = voice_server.url + reverse("admin:personas_persona_change", args=[persona.pk])
+    assert browser.get(change_url, timeout=30).status_code == 200  # sets the CSRF cookie
     form = {
         field: getattr(persona, field)
         for field in (
@@ -341,8 +353,16 @@ def test_persona_voice_switch_takes_effect_on_the_next_turn(talker):
         )
     }
     changed = browser.post(
-        reverse("admin:personas_persona_change", args=[persona.pk]),
-        {**form, "tts_kind": "espeak", "is_published": "on", "_save": "Save"},
+        change_url,
+        {
+            **form,
+            "tts_kind": "espeak",
+            "is_published": "on",
+            "_save": "Save",
+            "csrfmiddlewaretoken": browser.cookies["csrftoken"],
+        },
+        allow_redirects=False,
+        timeout=30,
     )
     assert changed.status_code == 302, changed.content[:500]
 
