@@ -289,12 +289,16 @@ def level_run(count: int, users, clips: list[str], web, workers: dict, spike: in
         flood.join(timeout=120)
     turns = [dict(turn, speaker=i) for i, run_ in enumerate(runs) for turn in run_]
     cpu = {role: stack.cpu_seconds(p.pid) - cpu_before[role] for role, p in workers.items()}
+    from tests.audio import pcm_of
+
+    streamed = count * sum(len(pcm_of(clip)) + len(SILENCE) for clip in clips) / 32_000
     say(f"{count} speakers (stt spike {spike}): {len(turns)} turns in {wall:.0f} s")
     return {
         "speakers": count,
         "stt_spike_streams": spike,
         "turns": turns,
         "wall_s": round(wall, 1),
+        "streamed_s": round(streamed, 1),
         "worker_cpu_s": {role: round(s, 2) for role, s in cpu.items()},
         "stages": summarize(turns),
     }
@@ -329,6 +333,12 @@ def report_of(args, levels: dict, wer: dict) -> dict:
         else None,
         "turns_per_speaking_minute": round(turns / (spoken_s / 60), 2) if spoken_s else None,
         "stages_at_max": top["stages"],
+        # the STT stage's whole cost of a speaking user (drafts, candidates, finals), at
+        # the most speakers: worker CPU seconds for each second of audio streamed
+        "stt_cpu_seconds_per_streamed_second": round(
+            top["worker_cpu_s"].get("stt", top["worker_cpu_s"].get("all", 0.0)) / top["streamed_s"],
+            3,
+        ),
     }
     spiked = [lv for key, lv in levels.items() if "pinned" in key]
     if len(spiked) == 2:

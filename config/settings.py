@@ -130,15 +130,17 @@ TEMPLATES = [
 # Behind transaction pooling a server connection is shared between clients
 # between transactions, so nothing may outlive a transaction: no server-side
 # cursors, no prepared statements (psycopg's prepare_threshold=None), no
-# persistent session state. Django opens a connection per request/task and
-# PgBouncer does the pooling (CONN_MAX_AGE=0 by default).
+# persistent session state. Each process keeps its client connections to
+# PgBouncer open (DATABASE_CONN_MAX_AGE, 60 s): a new one cost two statements
+# every time (PgBouncer's and Django's time-zone settings), more than a voice
+# turn's own writes. PgBouncer still shares its few server connections.
 DATABASE_URL = env_str("DATABASE_URL")
 if DATABASE_URL:
     import dj_database_url
 
     DATABASES = {
         "default": dj_database_url.parse(
-            DATABASE_URL, conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0)
+            DATABASE_URL, conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60)
         )
     }
     DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True

@@ -38,8 +38,9 @@ class Benchmarks:
     idle_cpu_percent: Assumption
     idle_rss_kb: Assumption
     redis_cpu_percent: Assumption  # per streaming session
-    stt_per_core: Assumption
+    stt_per_core: Assumption  # raw model throughput on whole clips
     stt_cores: Assumption
+    stt_cpu_per_streamed_s: Assumption  # the live STT stage's whole cost, per streamed second
     stt_per_gpu: Assumption | None
     tts_per_core: Assumption
     reply_audio_s: Assumption
@@ -134,11 +135,17 @@ def bench_read(bench_dir: Path, *, p99_ms: float) -> Benchmarks:
         ),
         redis_cpu_percent=_redis_cpu(density, level),
         stt_per_core=stt.number(
-            "STT audio seconds a CPU second", "summary.audio_seconds_per_cpu_second"
+            "STT audio seconds a CPU second (raw model, whole clips)",
+            "summary.audio_seconds_per_cpu_second",
         ),
         stt_cores=stt.number("cores of one STT worker (as measured)", "summary.cores"),
         stt_per_gpu=(
             stt.number("STT audio seconds a second on one GPU", gpu) if _has(stt, gpu) else None
+        ),
+        stt_cpu_per_streamed_s=latency.number(
+            "STT worker CPU seconds a second of streamed audio (drafts, candidates and "
+            "finals, at the most speakers)",
+            "summary.stt_cpu_seconds_per_streamed_second",
         ),
         tts_per_core=latency.number(
             "TTS audio seconds a CPU second", "summary.tts_audio_seconds_per_cpu_second"

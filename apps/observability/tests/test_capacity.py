@@ -39,6 +39,8 @@ LATENCY = {
         "tts_audio_seconds_per_cpu_second": 20.0,
         "reply_audio_seconds_per_turn": 6.0,
         "turns_per_speaking_minute": 2.0,
+        # twice the raw model's 1/5 CPU s an audio second: drafts re-transcribe speech
+        "stt_cpu_seconds_per_streamed_second": 0.4,
     }
 }
 DATABASE = {
@@ -85,18 +87,21 @@ def test_a_cpu_plan_from_the_measured_figures(bench):
     assert counts(result) == {
         # (2,500 + 7,500 x 0.01/0.2) / 500 a pod = 5.75; 7,500 idle / 2,000 = 3.75
         "web pods": 6,
-        # 2,500 audio s/s / (5 a core x 2 cores x 0.7)
-        "STT workers (CPU)": 358,
+        # 2,500 speaking x 0.4 CPU s a streamed s / 0.7 = 1,428.6 cores / 2 a worker
+        "STT workers (CPU)": 715,
         # 2,500 x 2 turns/min / 60 x 6 s = 500 audio s/s / (20 x 0.7)
         "TTS workers (CPU)": 36,
         "PgBouncer": 1,  # 833 queries/s
         "Postgres server connections": 50,  # 2,500 x 20 / 1,000
         "Redis": 1,  # 2,500 x 5%/500 = 0.25 of a core, below half a core
-        # 6 + 716 + 36 + 1 + 1 = 760 cores on 12.8 usable cores a node
-        "CPU nodes": 60,
+        # 6 + 1,430 + 36 + 1 + 1 = 1,474 cores on 12.8 usable cores a node
+        "CPU nodes": 116,
         "GPU nodes": 0,
     }
-    assert result.cost_per_hour == pytest.approx(60 * 0.768)
+    assert result.cost_per_hour == pytest.approx(116 * 0.768)
+    stt = next(line for line in result.lines if line.component == "STT workers (CPU)")
+    assert "0.4 CPU s a streamed s (measured in latency.json)" in stt.sizing
+    assert "1,429 cores at 70%" in stt.sizing
     web = next(line for line in result.lines if line.component == "web pods")
     assert "830 MB each" in web.sizing  # 100 + 417 x 1 MB + 1,250 x 0.25 MB
     assert "417 streaming + 1,250 idle" in web.sizing
@@ -115,6 +120,7 @@ def test_every_measured_figure_names_its_file_and_key(bench):
         "latency.json: summary.tts_audio_seconds_per_cpu_second",
         "latency.json: summary.reply_audio_seconds_per_turn",
         "latency.json: summary.turns_per_speaking_minute",
+        "latency.json: summary.stt_cpu_seconds_per_streamed_second",
         "database.json: summary.sessions",
         "database.json: summary.postgres_server_connections",
         "database.json: summary.queries_per_turn",
@@ -122,7 +128,23 @@ def test_every_measured_figure_names_its_file_and_key(bench):
         assert key in text, key
     for option in ["--cpu-node-price", "--gpu-speedup", "--worker-utilisation", "--p99-ms"]:
         assert f"{option}: " in text
-    assert "cost per hour" in text and "$46.08" in text
+    assert "cost per hour" in text and "$89.09" in text  # 116 nodes x $0.768
+    assert "audio seconds a second a speaking user streams: 1" in text
+    assert "sends to STT" not in text  # STT transcribes a streamed second more than once
+
+
+def test_cpu_stt_workers_follow_the_measured_cost_a_streamed_second(bench):
+    latency = copy.deepcopy(LATENCY)
+    latency["summary"]["stt_cpu_seconds_per_streamed_second"] = 0.8
+    stt = copy.deepcopy(STT)
+    stt["summary"]["cores"] = 4
+
+    # 2,500 x 0.8 / 0.7 = 2,857.1 cores / 2 a worker
+    assert counts(plan(bench(latency=latency)))["STT workers (CPU)"] == 1429
+    # 2,500 x 0.4 / 0.7 = 1,428.6 cores / 4 a worker
+    assert counts(plan(bench(stt=stt)))["STT workers (CPU)"] == 358
+    # 2,500 x 0.4 / 0.5 = 2,000 cores / 2 a worker
+    assert counts(plan(bench(), worker_utilisation=0.5))["STT workers (CPU)"] == 1000
 
 
 def test_the_web_tier_uses_the_largest_level_that_meets_the_p99_target(bench):
@@ -135,14 +157,20 @@ def test_the_web_tier_uses_the_largest_level_that_meets_the_p99_target(bench):
 def test_gpu_without_a_measured_figure_uses_the_assumed_speedup_and_says_so(bench):
     result = plan(bench(), gpu=True)
 
-    # 2,500 audio s/s / (5 x 30 a GPU x 0.7)
-    assert counts(result)["STT workers (GPU)"] == 24
-    assert counts(result)["GPU nodes"] == 24
+    # 0.4 CPU s a streamed s x 5 audio s a CPU s = 2 audio s/s a speaker;
+    # 2,500 x 2 = 5,000 audio s/s / (5 x 30 a GPU x 0.7) = 47.6
+    assert counts(result)["STT workers (GPU)"] == 48
+    assert counts(result)["GPU nodes"] == 48
     assert counts(result)["CPU nodes"] == 4  # 6 + 36 + 1 + 1 cores, STT off the CPU nodes
-    assert result.cost_per_hour == pytest.approx(4 * 0.768 + 24 * 1.006)
+    assert result.cost_per_hour == pytest.approx(4 * 0.768 + 48 * 1.006)
+    [load] = [a for a in result.assumptions if a.name.startswith("STT load a speaking user")]
+    assert load.value == pytest.approx(2.0)
+    assert "latency.json: summary.stt_cpu_seconds_per_streamed_second" in load.source
+    assert "stt.json: summary.audio_seconds_per_cpu_second" in load.source
     [assumed] = [a for a in result.assumptions if "GPU" in a.name and "ASSUMED" in a.name]
     assert assumed.value == 150 and "--gpu-speedup 30" in assumed.source
-    assert counts(plan(bench(), gpu=True, gpu_speedup=60.0))["STT workers (GPU)"] == 12
+    # 5,000 / (5 x 60 x 0.7) = 23.8
+    assert counts(plan(bench(), gpu=True, gpu_speedup=60.0))["STT workers (GPU)"] == 24
 
 
 def test_gpu_with_a_measured_figure_uses_it(bench):
@@ -151,8 +179,8 @@ def test_gpu_with_a_measured_figure_uses_it(bench):
 
     result = plan(bench(stt=stt), gpu=True, gpus_per_node=4)
 
-    assert counts(result)["STT workers (GPU)"] == 6  # 2,500 / (700 x 0.7)
-    assert counts(result)["GPU nodes"] == 2
+    assert counts(result)["STT workers (GPU)"] == 11  # 2,500 x 2 / (700 x 0.7) = 10.2
+    assert counts(result)["GPU nodes"] == 3  # 4 GPUs a node
     assert not any("ASSUMED" in a.name and "GPU" in a.name for a in result.assumptions)
     assert any("summary.gpu_audio_seconds_per_second" in a.source for a in result.assumptions)
 
@@ -168,7 +196,7 @@ def test_nobody_speaking_needs_no_speech_workers(bench):
 def test_prices_and_node_shapes_come_from_the_options(bench):
     small = plan(bench(), node_cores=8, cpu_node_price=0.5)
 
-    assert counts(small)["CPU nodes"] == math.ceil(760 / (8 * 0.8))
+    assert counts(small)["CPU nodes"] == math.ceil(1474 / (8 * 0.8))
     assert small.cost_per_hour == pytest.approx(counts(small)["CPU nodes"] * 0.5)
 
 
@@ -213,6 +241,7 @@ def test_a_missing_file_names_itself_and_the_benchmark_that_writes_it(bench, nam
         ("latency", "tts_audio_seconds_per_cpu_second"),
         ("latency", "reply_audio_seconds_per_turn"),
         ("latency", "turns_per_speaking_minute"),
+        ("latency", "stt_cpu_seconds_per_streamed_second"),
         ("database", "sessions"),
         ("database", "postgres_server_connections"),
         ("database", "queries_per_turn"),
@@ -282,7 +311,7 @@ def test_the_command_prints_the_plan_with_its_assumptions(bench):
 
     text = out.getvalue()
     assert text.startswith("Capacity plan: 10,000 users, 25% speaking")
-    assert "STT workers (CPU)" in text and "$90.00" in text  # 60 nodes x $1.5
+    assert "STT workers (CPU)" in text and "$174.00" in text  # 116 nodes x $1.5
     assert "--cpu-node-price: 1.5  <- option (given)" in text
     assert "--gpu-speedup: 30  <- option (default)" in text
 
