@@ -107,7 +107,7 @@ def test_database_and_redis_urls_switch_to_services():
     assert "prepare_threshold" in s["db_options"]
     assert s["db_options"]["prepare_threshold"] is None
     assert s["server_side_cursors_disabled"] is True
-    assert s["conn_max_age"] == 0
+    assert s["conn_max_age"] == 60  # client connections to PgBouncer are kept; it pools
     # and Redis for everything else, one logical database each
     assert s["cache_backend"] == "django_redis.cache.RedisCache"
     assert s["layer_backend"] == "channels_redis.core.RedisChannelLayer"
