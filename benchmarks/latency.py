@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import threading
@@ -439,16 +438,7 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    procs: list = []
-    try:
-        report = run(args, procs)
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
-    print(table(report))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    stack.run_and_write(args, run, table)
 
 
 if __name__ == "__main__":

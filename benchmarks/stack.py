@@ -233,3 +233,21 @@ def git_commit() -> dict:
         return result.stdout.strip() if result.returncode == 0 else ""
 
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+
+
+def run_and_write(args, run, table) -> None:
+    """Run a benchmark (`run(args, procs)` appends each process it starts to procs,
+    all stopped here by pid, whatever happens), print its table, write its JSON
+    to `args.out`."""
+    import json
+
+    procs: list = []
+    try:
+        report = run(args, procs)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    print(table(report))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.out}")

@@ -307,16 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.direct:
         return direct_main(args.direct, args.model_threads)
-    procs: list = []
-    try:
-        report = run(args, procs)
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
-    print(table(report))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    stack.run_and_write(args, run, table)
 
 
 if __name__ == "__main__":
