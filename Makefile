@@ -9,8 +9,8 @@ STAMP := $(VENV)/.installed
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 # Commands the tests and the voice pipeline need, and the Debian packages that bring them.
-SYSTEM_COMMANDS := pgbouncer chromium chromedriver espeak-ng sox
-SYSTEM_PACKAGES := pgbouncer chromium chromium-driver espeak-ng sox
+SYSTEM_COMMANDS := pgbouncer chromium chromedriver espeak-ng sox prometheus promtool
+SYSTEM_PACKAGES := pgbouncer chromium chromium-driver espeak-ng sox prometheus
 
 # Services mode: Postgres through our PgBouncer (scripts/services.sh), Redis db 0 as the base.
 # TEST_DATABASE: give concurrent runs on one machine their own (PgBouncer routes any name).
@@ -29,6 +29,13 @@ TEST_LINT ?= yes
 # Each starts the stack it needs, prints a table and writes docs/benchmarks/<name>.json.
 BENCH ?= density frame stt latency database
 BENCH_ARGS ?=
+# `make loadtest`: a bounded headless Locust run against a stack it starts (locustfiles/README.md).
+# LOADTEST_MIX weighs the user kinds; LOADTEST_ARGS go to Locust (e.g. --processes 2).
+LOADTEST_USERS ?= 8
+LOADTEST_SPAWN_RATE ?= 2
+LOADTEST_DURATION ?= 2m
+LOADTEST_MIX ?= http=2,voice=1,text=1
+LOADTEST_ARGS ?=
 
 # Settings that must not leak from the shell into a test run: an LLM endpoint or key,
 # other engines, a broker, cache, layer or store URL, production mode. Each run starts
@@ -43,7 +50,7 @@ TEST_CLEAN_ENV := env $(foreach name,$(TEST_UNSET_VARS),-u $(name) -u $(name)_FI
 EMBEDDED_RUN := $(TEST_CLEAN_ENV) $(PYTEST)
 SERVICES_RUN := $(TEST_CLEAN_ENV) $(SERVICES_ENV) $(PYTEST)
 
-.PHONY: help venv system-deps services run test test-embedded test-services lint bench screenshots clean
+.PHONY: help venv system-deps services run test test-embedded test-services lint bench loadtest screenshots clean
 
 help:
 	@echo "make run          serve Parley at http://127.0.0.1:8000 (embedded defaults; reads .env)"
@@ -51,6 +58,7 @@ help:
 	@echo "make lint         ruff and mypy (make test runs it first)"
 	@echo "make services     start Postgres, Redis and PgBouncer (127.0.0.1:6432)"
 	@echo "make bench        the benchmarks named in BENCH (default: all: density frame stt latency database)"
+	@echo "make loadtest     a headless Locust run against a stack it starts; reports/loadtest/"
 	@echo "make screenshots  copy the browser tests' screenshots (reports/screenshots/) to docs/screenshots/"
 	@echo "make clean        remove generated files (keeps .venv)"
 
@@ -114,6 +122,13 @@ lint: venv
 	$(VENV)/bin/ruff format --check . || status=1; \
 	$(TEST_CLEAN_ENV) $(VENV)/bin/mypy || status=1; \
 	exit $$status
+
+# Starts its own Redis, Daphne and stt/tts workers on the parley_loadtest database (through
+# PgBouncer), stops them after; exits 1 when any request failed.
+loadtest: venv services
+	$(PY) -m locustfiles.run --users $(LOADTEST_USERS) --spawn-rate $(LOADTEST_SPAWN_RATE) \
+		--duration $(LOADTEST_DURATION) --mix $(LOADTEST_MIX) --out reports/loadtest \
+		$(if $(strip $(LOADTEST_ARGS)),-- $(LOADTEST_ARGS))
 
 bench: venv
 	@for name in $(BENCH); do \

@@ -67,7 +67,7 @@ from psycopg.rows import dict_row
 from websockets.exceptions import ConnectionClosed
 
 from benchmarks import density, stack
-from tests.live import _ping_through, http_get
+from tests.live import METRICS_TOKEN, _ping_through, http_get
 
 ROOT = stack.ROOT
 OUT = ROOT / "docs" / "benchmarks" / "database.json"
@@ -103,6 +103,7 @@ def bench_env(redis: stack.RedisServer, cache: stack.RedisServer, database: str)
         CELERY_BROKER_URL=redis.url(BROKER_DB),
         CACHE_URL=cache.url(CACHE_DB),
     )
+    env.setdefault("METRICS_TOKEN", METRICS_TOKEN)  # the web processes' /metrics
     return env
 
 
@@ -228,7 +229,10 @@ class Monitor:
         stats = await self._pgbouncer_row("SHOW STATS")
         metrics: dict[tuple, float] = {}
         for web in self.webs:
-            status, _, body = await asyncio.to_thread(http_get, f"{web.origin}/metrics")
+            bearer = {"Authorization": f"Bearer {os.environ.get('METRICS_TOKEN') or METRICS_TOKEN}"}
+            status, _, body = await asyncio.to_thread(
+                http_get, f"{web.origin}/metrics", headers=bearer
+            )
             if status != 200:
                 say(f"/metrics of {web.origin} answered {status}")
                 continue

@@ -33,12 +33,27 @@ if settings.LOOP_GUARD_MS:
 
     install(settings.LOOP_GUARD_MS)
 
-application = ProtocolTypeRouter(
+from apps.observability.collectors import loop_lag_watch, web_process_start  # noqa: E402
+from apps.observability.health import HealthProbes  # noqa: E402
+from apps.observability.logging import daphne_access_log_to_records  # noqa: E402
+
+daphne_access_log_to_records()  # every line of the process goes through LOGGING
+
+web_process_start()
+
+router = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        # /healthz and /readyz are answered before any middleware (health.py).
+        "http": HealthProbes(django_asgi_app),
         "websocket": OriginValidator(
             AuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
             settings.WEBSOCKET_ALLOWED_ORIGINS,
         ),
     }
 )
+
+
+async def application(scope, receive, send):
+    """The router; the first connection served starts the loop-lag timer on the loop."""
+    loop_lag_watch()
+    return await router(scope, receive, send)

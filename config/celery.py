@@ -8,8 +8,10 @@ import os
 import time
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init
+from celery.signals import celeryd_init, worker_init, worker_process_init
 from kombu import Queue
+
+from apps.observability.logging import celery_output_to_json, celery_signals_connect
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,6 +24,22 @@ app.conf.task_queues = [Queue(name) for name in ("default", "stt", "stt_partial"
 # best-effort: under load they wait, and the worker drops the stale ones.
 app.conf.broker_transport_options = {"queue_order_strategy": "priority"}
 app.autodiscover_tasks()
+# Each task runs under the request/conversation/user ids its message carries, and
+# its start and end are logged (apps/observability/logging.py).
+celery_signals_connect()
+
+
+@celeryd_init.connect
+def worker_logging_start(instance, **_kwargs) -> None:
+    """Before the worker prints or warns anything: Django's LOGGING (JSON lines with
+    LOG_FORMAT=json) takes the warnings too, and Celery's own prints follow the format."""
+    import django
+    from django.conf import settings
+
+    django.setup()
+    logging.captureWarnings(True)
+    if settings.LOG_FORMAT == "json":
+        celery_output_to_json(instance)
 
 
 @worker_process_init.connect
@@ -38,16 +56,20 @@ def worker_start(sender, **_kwargs) -> None:
     pool = sender.pool_cls
     name = pool if isinstance(pool, str) else f"{pool.__module__}.{pool.__qualname__}"
     if "prefork" not in name:
-        task_process_start()
+        concurrency = sender.concurrency
+        task_process_start(threads=concurrency if isinstance(concurrency, int) else 0)
 
 
-def task_process_start() -> None:
+def task_process_start(threads: int = 1) -> None:
     """In each process that runs tasks: one long-lived event loop publishes every
-    event (apps.realtime.broadcast) on one channel-layer connection, and the
-    engines of the queues it consumes are loaded before the first task."""
+    event (apps.realtime.broadcast) on one channel-layer connection, its metrics
+    and probes are served (apps.observability.exporter, WORKER_METRICS_PORT), and
+    the engines of the queues it consumes are loaded before the first task."""
+    from apps.observability.exporter import worker_process_start
     from apps.realtime.broadcast import publisher_start
 
     publisher_start()
+    worker_process_start(queues=set(app.amqp.queues.consume_from), threads=threads)
     preload_engines()
 
 
@@ -58,6 +80,7 @@ def preload_engines() -> None:
     for big models."""
     if os.environ.get("WORKER_PRELOAD", "1") == "0":
         return
+    from apps.observability.exporter import engine_loaded
     from apps.pipeline.providers.registry import stt_get, tts_get
 
     log = logging.getLogger(__name__)
@@ -70,6 +93,7 @@ def preload_engines() -> None:
             except Exception:
                 log.exception("could not preload the %s engine", prefix)
             else:
+                engine_loaded(prefix)
                 log.info("%s engine %s ready in %.1f s", prefix, engine.kind,
                          time.monotonic() - started)  # fmt: skip
 

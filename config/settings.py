@@ -3,6 +3,8 @@ environment variable; with nothing set, Parley runs on embedded defaults
 (SQLite, in-memory channel layer, local-memory cache, in-process workers)."""
 
 import os
+import re
+import socket
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -140,7 +142,9 @@ if DATABASE_URL:
 
     DATABASES = {
         "default": dj_database_url.parse(
-            DATABASE_URL, conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60)
+            DATABASE_URL,
+            conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60),
+            engine="django_prometheus.db.backends.postgresql",
         )
     }
     DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
@@ -149,7 +153,7 @@ if DATABASE_URL:
 else:
     DATABASES = {
         "default": {
-            "ENGINE": "django.db.backends.sqlite3",
+            "ENGINE": "django_prometheus.db.backends.sqlite3",
             "NAME": env_str("SQLITE_PATH", str(BASE_DIR / "var" / "parley.sqlite3")),
             "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
             # A file, so that a Daphne started by the tests sees the test data.
@@ -319,6 +323,19 @@ LOOP_GUARD_MS = env_int("LOOP_GUARD_MS", 0)
 GC_THRESHOLDS = tuple(int(n) for n in env_list("GC_THRESHOLDS", "50000,20,100"))
 GC_PAUSE_LOG_MS = env_int("GC_PAUSE_LOG_MS", 50)  # log collections that pause longer (0: off)
 
+# --- Metrics (apps/observability/metrics.py; docs/observability.md) ---------------
+# /metrics (web) and each worker's exporter answer only `Authorization: Bearer
+# <METRICS_TOKEN>`; with no token set they refuse everyone (403), in every environment.
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+# Each worker process's exporter (/metrics, /healthz, /readyz) listens here; 0: off.
+WORKER_METRICS_PORT = env_int("WORKER_METRICS_PORT", 0)
+WORKER_METRICS_HOST = env_str("WORKER_METRICS_HOST", "0.0.0.0")  # noqa: S104 — a pod's probe port
+# The web process's loop-lag timer fires this often (parley_event_loop_lag_seconds; 0: off).
+LOOP_LAG_INTERVAL_MS = env_int("LOOP_LAG_INTERVAL_MS", 250)
+# PgBouncer's admin console, read at scrape time for the pool figures (empty: not
+# exported), e.g. postgres://postgres@127.0.0.1:6432/pgbouncer (a stats_users user).
+PGBOUNCER_STATS_URL = env_str("PGBOUNCER_STATS_URL", "")
+
 # Socket limits (see docs/protocol.md)
 # The longest binary frame, in ms of PCM16 16 kHz mono (32 bytes a ms); `ready`
 # tells clients. 100 ms frames are what clients send; up to 200 ms are taken.
@@ -333,6 +350,10 @@ WS_HELD_EVENTS_MAX = env_int("WS_HELD_EVENTS_MAX", 500)  # group events held unt
 # Default quotas for new users (0 means unlimited)
 QUOTA_AUDIO_SECONDS = env_int("QUOTA_AUDIO_SECONDS", 3600)
 QUOTA_TOKENS = env_int("QUOTA_TOKENS", 200_000)
+# What turns cost (apps/conversations/costs.py): JSON over the defaults there, per stage
+# (stt, llm, tts) and engine kind, e.g. {"llm": {"openai": {"in_per_1m": 2.5, "out_per_1m": 10}}}.
+# Malformed: no process starts.
+COST_PRICES = env_str("COST_PRICES", "")
 
 # --- Static files, security -------------------------------------------------
 STATIC_URL = "/static/"
@@ -391,16 +412,45 @@ CONTENT_SECURITY_POLICY = {
     }
 }
 
+# --- Probes (apps/observability/health.py) ----------------------------------
+# /readyz reuses a result this long, and waits this long at most for its checks.
+READINESS_CACHE_S = env_float("READINESS_CACHE_S", 2.0)
+READINESS_TIMEOUT_S = env_float("READINESS_TIMEOUT_S", 1.0)
+# While this file exists the process drains: /readyz answers 503 "draining" (the
+# pod's preStop hook touches it; docs/observability.md). Empty: no drain file.
+READINESS_DRAIN_FILE = env_str("READINESS_DRAIN_FILE", "")
+if READINESS_CACHE_S < 0 or READINESS_TIMEOUT_S <= 0:
+    raise ImproperlyConfigured("READINESS_CACHE_S must be >= 0 and READINESS_TIMEOUT_S > 0")
+
 # --- Logging: JSON lines with request and conversation ids -----------------
+# What this process is, set by whoever starts it (scripts/run.sh, config.worker,
+# tests/live.py, the manifests): web, worker-stt, worker-tts, worker-all, ... It is
+# on every log line and the `role` label of parley_process_info.
+PARLEY_ROLE = env_str("PARLEY_ROLE", "web")
+if not re.fullmatch(r"[a-z][a-z0-9-]{0,31}", PARLEY_ROLE):
+    raise ImproperlyConfigured(
+        f"PARLEY_ROLE={PARLEY_ROLE!r}: lower-case letters, digits and '-', like worker-stt"
+    )
+POD_NAME = env_str("POD_NAME") or socket.gethostname()  # the Downward API's pod name
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
+# json: one JSON object per line (ts, level, logger, message, request_id,
+# conversation_id, user_id, pod, role); text: one readable line (development).
 LOG_FORMAT = env_str("LOG_FORMAT", "json" if PRODUCTION else "text")
+if LOG_FORMAT not in ("json", "text"):
+    raise ImproperlyConfigured(f"LOG_FORMAT={LOG_FORMAT!r}: use json or text")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"context": {"()": "apps.observability.logging.ContextFilter"}},
+    "filters": {
+        "context": {
+            "()": "apps.observability.logging.ContextFilter",
+            "pod": POD_NAME,
+            "role": PARLEY_ROLE,
+        }
+    },
     "formatters": {
         "json": {"()": "apps.observability.logging.JsonFormatter"},
-        "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "text": {"()": "apps.observability.logging.TextFormatter"},
     },
     "handlers": {
         "console": {

@@ -15,6 +15,10 @@ role="${1:-web}"
 if [[ $# -gt 0 ]]; then
     shift
 fi
+# The role is on every log line and on parley_process_info (PARLEY_ROLE, config/settings.py).
+case "$role" in
+    web | worker-*) export PARLEY_ROLE="${PARLEY_ROLE:-$role}" ;;
+esac
 
 celery_worker() {
     local queue="$1" concurrency="$2"

@@ -10,7 +10,8 @@ BIN=.venv/bin
 HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-8000}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
-DAPHNE=("$BIN/daphne" -b "$HOST" -p "$PORT" config.asgi:application)
+# Each process's role is on its log lines (config.worker sets worker-<role> for workers).
+DAPHNE=(env PARLEY_ROLE="${PARLEY_ROLE:-web}" "$BIN/daphne" -b "$HOST" -p "$PORT" config.asgi:application)
 
 banner() {
     echo
@@ -34,8 +35,13 @@ trap stop_all INT TERM
 trap 'stop_all; wait' EXIT
 
 # One worker per AI stage, so that a transcription spike never slows the replies' speech.
+# Each has its own metrics exporter port (/metrics, /healthz, /readyz): stt 9101, tts 9102,
+# or WORKER_METRICS_PORT and the next one.
+METRICS_PORT=${WORKER_METRICS_PORT:-9101}
 for role in stt tts; do
-    "$BIN/python" -m config.worker "$role" --loglevel INFO &
+    PARLEY_ROLE="worker-$role" WORKER_METRICS_PORT="$METRICS_PORT" \
+        "$BIN/python" -m config.worker "$role" --loglevel INFO &
+    METRICS_PORT=$((METRICS_PORT + 1))
     pids+=($!)
     echo "run: Celery $role worker started (pid $!)"
 done

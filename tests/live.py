@@ -101,6 +101,9 @@ def services_mode() -> bool:
     return os.environ.get("PARLEY_TEST_MODE") == "services" or bool(os.environ.get("REDIS_URL"))
 
 
+METRICS_TOKEN = "test-metrics-token"
+
+
 def subprocess_env(test_database_name: str, extra: Mapping[str, str] | None = None) -> dict:
     """The tests' own environment, pointed at the test database."""
     env = dict(os.environ)
@@ -109,6 +112,7 @@ def subprocess_env(test_database_name: str, extra: Mapping[str, str] | None = No
         HF_HUB_OFFLINE="1",
         PYTHONUNBUFFERED="1",
     )
+    env.setdefault("METRICS_TOKEN", METRICS_TOKEN)  # live servers' /metrics (metrics_get)
     env.pop("PYTEST_CURRENT_TEST", None)
     if env.get("DATABASE_URL"):
         url = urllib.parse.urlsplit(env["DATABASE_URL"])
@@ -206,13 +210,87 @@ def wait_until(ready: Callable[[], bool], proc, what: str, timeout_s: float) -> 
 _no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def http_get(url: str, timeout_s: float = 10.0) -> tuple[int, dict, bytes]:
+def metrics_get(url: str, token: str = METRICS_TOKEN) -> str:
+    """A live server's /metrics (`url` ends in /metrics), as the bearer of `token`."""
+    status, _, body = http_get(url, headers={"Authorization": f"Bearer {token}"})
+    if status != 200:
+        raise RuntimeError(f"{url} answered {status}: {body[:200]!r}")
+    return body.decode()
+
+
+def http_get(
+    url: str, timeout_s: float = 10.0, headers: Mapping[str, str] | None = None
+) -> tuple[int, dict, bytes]:
     """GET without proxies: (status, headers, body); HTTP errors are returned, not raised."""
+    request = urllib.request.Request(url, headers=dict(headers or {}))
     try:
-        with _no_proxy.open(url, timeout=timeout_s) as response:
+        with _no_proxy.open(request, timeout=timeout_s) as response:
             return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers), error.read()
+
+
+# --- Servers of a test's own (fault tests stop and start them) ------------------------
+
+
+def start_redis(port: int) -> subprocess.Popen:
+    """A Redis server of the caller's own on 127.0.0.1:`port` (nothing saved); stop it by pid."""
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return process
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"our Redis did not start on port {port}")
+
+
+def start_pgbouncer(port: int, run_dir: Path) -> subprocess.Popen:
+    """A PgBouncer of the caller's own on 127.0.0.1:`port`, in front of this machine's
+    Postgres (5432), configured as deploy/pgbouncer/pgbouncer.ini (transaction pooling,
+    every database name passed through). It runs in the foreground, as postgres when
+    we are root (PgBouncer refuses root); stop it by pid. Its log: `run_dir`/pgbouncer.log."""
+    import shutil
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    template = (ROOT / "deploy" / "pgbouncer" / "pgbouncer.ini").read_text()
+    values = {"@RUN_DIR@": str(run_dir), "@PORT@": str(port), "@DEFAULT_POOL_SIZE@": "5",
+              "@RESERVE_POOL_SIZE@": "0", "@RESERVE_POOL_TIMEOUT@": "5",
+              "@MAX_DB_CONNECTIONS@": "10", "@MAX_CLIENT_CONN@": "100"}  # fmt: skip
+    for placeholder, value in values.items():
+        template = template.replace(placeholder, value)
+    (run_dir / "pgbouncer.ini").write_text(template)
+    (run_dir / "userlist.txt").write_text('"postgres" ""\n')
+    command = ["pgbouncer", str(run_dir / "pgbouncer.ini")]
+    if os.geteuid() == 0:
+        shutil.chown(run_dir, "postgres")
+        for name in ("pgbouncer.ini", "userlist.txt"):
+            shutil.chown(run_dir / name, "postgres")
+        command[1:1] = ["-u", "postgres"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"our PgBouncer exited; log:\n{log_tail(run_dir / 'pgbouncer.log')}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return process
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"our PgBouncer did not listen on port {port}")
+
+
+def stop_by_pid(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop a server this test started (SIGTERM, then SIGKILL), and reap it."""
+    process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
 
 
 # --- Daphne -----------------------------------------------------------------------
@@ -241,6 +319,7 @@ def start_daphne(env: dict, timeout_s: float = 90.0) -> LiveDaphne:
     port = free_port()
     env = {
         "LOOP_GUARD_MS": "10",  # report what blocks the event loop (loop-guard: lines)
+        "PARLEY_ROLE": "web",
         **env,
         "WEBSOCKET_ALLOWED_ORIGINS": f"http://127.0.0.1:{port},http://localhost:{port}",
     }
@@ -265,6 +344,11 @@ def start_daphne(env: dict, timeout_s: float = 90.0) -> LiveDaphne:
 @dataclass
 class LiveWorker(LiveProcess):
     nodename: str = ""
+    metrics_port: int = 0  # its exporter: /metrics, /healthz, /readyz
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
 
 
 def start_worker(env: dict, timeout_s: float = 90.0, role: str = "all") -> LiveWorker:
@@ -277,13 +361,17 @@ def start_worker(env: dict, timeout_s: float = 90.0, role: str = "all") -> LiveW
     if broker_url == app.conf.broker_url:
         broker_url = None
     nodename = f"parley-test-{role}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+    metrics_port = int(env.get("WORKER_METRICS_PORT") or 0) or free_port()
+    env = {**env, "WORKER_METRICS_PORT": str(metrics_port), "WORKER_METRICS_HOST": "127.0.0.1"}
     command = _command(
         "celery", "-A", "config", "worker", *worker_arguments(role), "-n", nodename,
         "--without-gossip", "--without-mingle", "--loglevel", "INFO",
     )  # fmt: skip
+    env = {**env, "PARLEY_ROLE": f"worker-{role}"}
     proc = _spawn(command, env, f"celery-{nodename.split('@')[0]}.log")
     worker = LiveWorker(process=proc.process, log_path=proc.log_path, log_file=proc.log_file)
     worker.nodename = nodename
+    worker.metrics_port = metrics_port
 
     def answers() -> bool:
         try:

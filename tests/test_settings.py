@@ -82,7 +82,7 @@ def test_nothing_set_runs_on_embedded_defaults():
     # when
     s = load_settings()
     # then
-    assert s["engine"] == "django.db.backends.sqlite3"
+    assert s["engine"] == "django_prometheus.db.backends.sqlite3"  # counts queries (/metrics)
     assert s["db_name"].endswith("var/parley.sqlite3")
     assert s["test_name"].endswith("var/test.sqlite3")  # a file: live servers see test data
     assert s["cache_backend"] == "django.core.cache.backends.locmem.LocMemCache"
@@ -102,7 +102,7 @@ def test_database_and_redis_urls_switch_to_services():
     # when
     s = load_settings(**env)
     # then Postgres, safe behind PgBouncer in transaction pooling mode
-    assert s["engine"] == "django.db.backends.postgresql"
+    assert s["engine"] == "django_prometheus.db.backends.postgresql"
     assert s["db_name"] == "parley"
     assert "prepare_threshold" in s["db_options"]
     assert s["db_options"]["prepare_threshold"] is None
@@ -145,6 +145,22 @@ def test_production_refuses_to_start_without_required_values(env, missing):
     assert result.returncode != 0
     assert "ImproperlyConfigured" in result.stderr
     assert missing in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT='xml': use json or text"),
+        ({"PARLEY_ROLE": "Web Pod"}, "PARLEY_ROLE='Web Pod'"),
+        ({"READINESS_TIMEOUT_S": "0"}, "READINESS_TIMEOUT_S > 0"),
+        ({"READINESS_CACHE_S": "-1"}, "READINESS_CACHE_S must be >= 0"),
+    ],
+)
+def test_malformed_logging_and_probe_settings_refuse_to_start(env, named):
+    result = run_python(DUMP, **env)
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+    assert named in result.stderr.strip().splitlines()[-1]
 
 
 def test_secret_key_may_come_from_a_file(tmp_path):

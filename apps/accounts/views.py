@@ -2,6 +2,8 @@ from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import redirect, render
 
+from apps.conversations.selectors import cost_by_conversation_for_user, cost_totals_for_user
+
 from .forms import SignUpForm
 
 
@@ -14,6 +16,16 @@ def signup(request):
     return render(request, "registration/signup.html", {"form": form})
 
 
+USAGE_RECENT_CONVERSATIONS = 20
+
+
 @login_required
 def usage(request):
-    return render(request, "accounts/usage.html", {"account": request.user})
+    user_id = request.user.pk
+    context = {
+        "account": request.user,
+        "totals": cost_totals_for_user(user_id=user_id),
+        "recent": cost_by_conversation_for_user(user_id=user_id, size=USAGE_RECENT_CONVERSATIONS),
+        "recent_size": USAGE_RECENT_CONVERSATIONS,
+    }
+    return render(request, "accounts/usage.html", context)

@@ -1,6 +1,8 @@
 from django.contrib import admin
 
+from .costs import usd_text
 from .models import Conversation, Message, TranscriptSegment
+from .selectors import conversation_cost_usd
 from .services import conversation_delete, message_edit
 
 TIMINGS = (
@@ -9,6 +11,8 @@ TIMINGS = (
     "first_token_to_first_audio_ms",
     "reply_total_ms",
 )
+# What each turn used and cost (apps/conversations/costs.py).
+COSTS = ("stt_audio_seconds", "tts_audio_seconds", "cost_usd")
 
 
 class MessageInline(admin.TabularInline):
@@ -21,6 +25,7 @@ class MessageInline(admin.TabularInline):
         "text",
         "prompt_tokens",
         "completion_tokens",
+        *COSTS,
         *TIMINGS,
     )
     readonly_fields = fields
@@ -45,13 +50,29 @@ class TranscriptSegmentInline(admin.TabularInline):
 
 @admin.register(Conversation)
 class ConversationAdmin(admin.ModelAdmin):
-    list_display = ("id", "user", "persona", "status", "started_at", "ended_at")
+    list_display = ("id", "user", "persona", "status", "started_at", "ended_at", "cost_total")
     list_filter = ("status", "persona", "started_at")
     search_fields = ("id", "user__username", "user__email", "persona__name", "messages__text")
     list_select_related = ("user", "persona")
-    readonly_fields = ("id", "user", "persona", "started_at", "ended_at", "updated_at")
+    readonly_fields = (
+        "id",
+        "user",
+        "persona",
+        "started_at",
+        "ended_at",
+        "updated_at",
+        "cost_total",
+    )
     date_hierarchy = "started_at"
     inlines = [MessageInline, TranscriptSegmentInline]
+
+    def get_queryset(self, request):
+        # The total as a subquery per row: the list costs no query per conversation.
+        return super().get_queryset(request).annotate(cost_total=conversation_cost_usd())
+
+    @admin.display(description="cost (USD)", ordering="cost_total")
+    def cost_total(self, obj):
+        return usd_text(obj.cost_total)
 
     def delete_model(self, request, obj):
         conversation_delete(conversation=obj)
@@ -63,7 +84,18 @@ class ConversationAdmin(admin.ModelAdmin):
 
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
-    list_display = ("conversation", "seq", "role", "source", "status", "short_text", *TIMINGS)
+    list_display = (
+        "conversation",
+        "seq",
+        "role",
+        "source",
+        "status",
+        "short_text",
+        "prompt_tokens",
+        "completion_tokens",
+        *COSTS,
+        *TIMINGS,
+    )
     list_filter = ("role", "source", "status", "provider")
     search_fields = ("text", "conversation__id", "conversation__user__username")
     list_select_related = ("conversation",)
@@ -76,6 +108,7 @@ class MessageAdmin(admin.ModelAdmin):
         "provider",
         "prompt_tokens",
         "completion_tokens",
+        *COSTS,
         *TIMINGS,
         "created_at",
         "updated_at",

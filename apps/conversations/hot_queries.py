@@ -34,8 +34,18 @@ from apps.realtime.services import socket_open, socket_resume
 
 from . import context
 from .models import Conversation, Message, TranscriptSegment
-from .selectors import conversation_page_for_user, transcript_page
-from .services import message_record_first_audio, reply_finish, transcript_finalize
+from .selectors import (
+    conversation_page_for_user,
+    cost_by_conversation_for_user,
+    cost_totals_for_user,
+    transcript_page,
+)
+from .services import (
+    message_record_first_audio,
+    reply_finish,
+    reply_speech_add,
+    transcript_finalize,
+)
 
 # Enough rows that the planner's choice is the one of a busy database: 4,000 users, one
 # with 200 conversations (more than a page), 4,200 conversations, 50,400 turns.
@@ -175,6 +185,12 @@ def _paths(seeded: Seeded) -> list[tuple[str, Callable[[], object]]]:
             ),
         ),
         (
+            "voice turn: a TTS part's speech and cost (reply_speech_add, TTS worker)",
+            lambda: reply_speech_add(
+                reply_id=reply["message"].id, tts_kind="piper", audio_seconds=1.5
+            ),
+        ),
+        (
             "socket open: socket_open (on a cache miss)",
             lambda: socket_open(conversation_id=cid, user=user),
         ),
@@ -204,6 +220,14 @@ def _paths(seeded: Seeded) -> list[tuple[str, Callable[[], object]]]:
         (
             "page /conversations/<id>/transcript/?after=",
             lambda: transcript_page(conversation_id=cid, after=8, size=100),
+        ),
+        (
+            "page /accounts/usage/: the user's cost totals",
+            lambda: cost_totals_for_user(user_id=user.pk),
+        ),
+        (
+            "page /accounts/usage/: the recent conversations' costs",
+            lambda: cost_by_conversation_for_user(user_id=user.pk, size=20),
         ),
         (
             "page /conversations/<id>/: the conversation",

@@ -76,6 +76,12 @@ class Message(models.Model):
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     provider = models.CharField(max_length=64, blank=True, help_text="Engine that made it.")
+    # What the turn's work was and cost (apps/conversations/costs.py): the utterance's
+    # audio seconds on a voice turn, the seconds of speech synthesised on a reply (added
+    # by each TTS part as it is made), and the price of all of it, in US dollars.
+    stt_audio_seconds = models.FloatField(default=0)
+    tts_audio_seconds = models.FloatField(default=0)
+    cost_usd = models.DecimalField(max_digits=14, decimal_places=8, default=0)
     # Stage timings in milliseconds (see docs/protocol.md).
     speech_end_to_final_ms = models.PositiveIntegerField(null=True, blank=True)
     final_to_first_token_ms = models.PositiveIntegerField(null=True, blank=True)

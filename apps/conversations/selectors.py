@@ -1,12 +1,16 @@
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
+from typing import Any
 from uuid import UUID
 
-from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
+from django.db.models import Count, DecimalField, OuterRef, Q, QuerySet, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 
 from . import context
 from .context import ConversationContext, Turn
+from .costs import usd
 from .models import Conversation, Message
 
 
@@ -133,3 +137,114 @@ def transcript_page(
         turns = turns.filter(seq__gt=after)
     rows = list(turns.order_by("seq")[: size + 1])
     return Page(rows[:size], earlier=after is not None and after > 0, later=len(rows) > size)
+
+
+# --- What turns cost (apps/conversations/costs.py prices them) -------------------------
+
+USD = DecimalField(max_digits=16, decimal_places=8)
+
+
+@dataclass(frozen=True)
+class CostTotals:
+    """What a set of turns used and cost."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    stt_audio_seconds: float = 0.0
+    tts_audio_seconds: float = 0.0
+    cost_usd: Decimal = Decimal(0)
+
+
+def _cost_sums() -> dict:
+    return {
+        "prompt_tokens": Sum("prompt_tokens"),
+        "completion_tokens": Sum("completion_tokens"),
+        "stt_audio_seconds": Sum("stt_audio_seconds"),
+        "tts_audio_seconds": Sum("tts_audio_seconds"),
+        "cost_usd": Sum("cost_usd", output_field=USD),
+    }
+
+
+def _totals(row: Mapping[str, Any]) -> CostTotals:
+    return CostTotals(
+        prompt_tokens=row["prompt_tokens"] or 0,
+        completion_tokens=row["completion_tokens"] or 0,
+        stt_audio_seconds=row["stt_audio_seconds"] or 0.0,
+        tts_audio_seconds=row["tts_audio_seconds"] or 0.0,
+        cost_usd=usd(row["cost_usd"]),
+    )
+
+
+def cost_totals_for_user(*, user_id: int) -> CostTotals:
+    """Everything the user's turns used and cost, in one query: the sums of each
+    of their conversations (a subquery per conversation, on message_unique_seq),
+    summed over their conversations (on conversation_user_recent). It reads the
+    user's own turns only, by index (a join would let the planner read every turn)."""
+    per_conversation = {
+        f"{name}_of": Subquery(
+            Message.objects.filter(conversation_id=OuterRef("pk"))
+            .order_by()
+            .values("conversation_id")
+            .annotate(total=total)
+            .values("total")
+        )
+        for name, total in _cost_sums().items()
+    }
+    row = (
+        Conversation.objects.filter(user_id=user_id)
+        .order_by()
+        .annotate(**per_conversation)
+        .aggregate(**{name: Sum(f"{name}_of") for name in _cost_sums()})
+    )
+    return _totals(row)
+
+
+@dataclass(frozen=True)
+class ConversationCost:
+    conversation: Conversation
+    totals: CostTotals
+
+
+def cost_by_conversation_for_user(*, user_id: int, size: int) -> list[ConversationCost]:
+    """The user's `size` newest conversations (with their persona), each with what
+    its turns used and cost: two queries, whatever `size` (the page, on the
+    conversation_user_recent keyset's first page; their turns grouped by
+    conversation, on message_unique_seq)."""
+    recent = list(
+        Conversation.objects.filter(user_id=user_id)
+        .select_related("persona")
+        .order_by("-started_at", "-id")[:size]
+    )
+    rows = (
+        Message.objects.filter(conversation_id__in=[c.id for c in recent])
+        .order_by()
+        .values("conversation_id")
+        .annotate(**_cost_sums())
+    )
+    by_id = {row["conversation_id"]: _totals(row) for row in rows} if recent else {}
+    return [ConversationCost(c, by_id.get(c.id, CostTotals())) for c in recent]
+
+
+def conversation_cost_usd() -> Coalesce:
+    """An annotation of conversations: the cost of their turns (a subquery per
+    row, on message_unique_seq: a list page costs no more queries)."""
+    total = (
+        Message.objects.filter(conversation_id=OuterRef("pk"))
+        .order_by()
+        .values("conversation_id")
+        .annotate(total=Sum("cost_usd", output_field=USD))
+        .values("total")
+    )
+    return Coalesce(Subquery(total), Value(Decimal(0)), output_field=USD)
+
+
+def user_cost_usd() -> Coalesce:
+    """An annotation of users: the cost of all their turns (a subquery per row)."""
+    total = (
+        Message.objects.filter(conversation__user_id=OuterRef("pk"))
+        .order_by()
+        .values("conversation__user_id")
+        .annotate(total=Sum("cost_usd", output_field=USD))
+        .values("total")
+    )
+    return Coalesce(Subquery(total), Value(Decimal(0)), output_field=USD)

@@ -8,6 +8,7 @@ that pick the same seq at once (Postgres: they do not see each other's rows)
 are told apart by the unique (conversation, seq) constraint, and the one
 refused stores again with the next seq."""
 
+import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -15,18 +16,20 @@ from typing import TypeVar
 from uuid import UUID
 
 from django.db import IntegrityError, connection, transaction
-from django.db.models import PositiveIntegerField, Subquery, Value
+from django.db.models import F, PositiveIntegerField, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from apps.accounts.services import usage_add
+from apps.observability import metrics
 from apps.personas.models import Persona
 from apps.realtime.broadcast import publish_on_commit
 from apps.realtime.events import event
 
-from . import context
+from . import context, costs
 from .models import Conversation, Message, TranscriptSegment
 
+log = logging.getLogger(__name__)
 SEQ_ATTEMPTS = 10  # writers of one conversation at once: a voice final, a reply, a typed turn
 T = TypeVar("T")
 
@@ -163,6 +166,8 @@ def transcript_finalize(
             publish_on_commit(conversation_id, event("transcript.empty", utterance_id=utterance_id))
         return stored
     stt_ms = _ms_since(speech_end_at)
+    audio_seconds = (end_ms - start_ms) / 1000
+    stt_cost = costs.prices().stt_usd(kind=provider, audio_seconds=audio_seconds)
 
     def store() -> Message:
         with transaction.atomic():
@@ -174,6 +179,8 @@ def transcript_finalize(
                     text=text,
                     provider=provider,
                     speech_end_to_final_ms=stt_ms,
+                    stt_audio_seconds=audio_seconds,
+                    cost_usd=stt_cost,
                 )
             )
             TranscriptSegment.objects.create(
@@ -187,7 +194,7 @@ def transcript_finalize(
                 confidence=confidence,
                 provider=provider,
             )
-            usage_add(user_id=_user_of(conversation_id), audio_seconds=(end_ms - start_ms) / 1000)
+            usage_add(user_id=_user_of(conversation_id), audio_seconds=audio_seconds)
             _on_commit_stored(message)
             publish_on_commit(
                 conversation_id,
@@ -196,12 +203,20 @@ def transcript_finalize(
         return message
 
     try:
-        return _storing(store)
+        message = _storing(store)
     except IntegrityError:
         stored = _utterance_message(conversation_id, utterance_id)
         if stored is None:
             raise
         return stored  # a second run of the same final
+    metrics.stage_observe(metrics.SPEECH_END_TO_FINAL, provider, stt_ms)
+    metrics.cost_add(stage="stt", engine=provider, usd=stt_cost)
+    # Ids and figures only: never the text at INFO.
+    log.info(
+        "final stored: utterance %s, seq %d, %d ms of audio, speech end to final %s ms (%s)",
+        utterance_id, message.seq, end_ms - start_ms, stt_ms, provider,
+    )  # fmt: skip
+    return message
 
 
 def _utterance_message(conversation_id: UUID, utterance_id: str) -> Message | None:
@@ -266,11 +281,13 @@ def reply_finish(
     first_token_to_first_audio_ms: int | None = None,
     error_code: str = "",
     audio_parts: int = 0,
+    tts_kind: str = "",
 ) -> Message:
     """Store the finished (or interrupted, or failed) reply that `reply_begin`
     reserved, count the user's tokens, and tell the sockets: two statements in
     one transaction, nothing read back. The first audio's timing, when it came
-    before the end, is stored with it."""
+    before the end, is stored with it. Only a complete reply's timings enter the
+    latency histograms (metrics.py); every reply is counted by its outcome."""
     fields = {
         "text": text,
         "status": status,
@@ -282,8 +299,13 @@ def reply_finish(
     }
     if first_token_to_first_audio_ms is not None:
         fields["first_token_to_first_audio_ms"] = first_token_to_first_audio_ms
+    llm_cost = costs.prices().llm_usd(
+        kind=reply.provider, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+    )
     with transaction.atomic():
-        if not Message.objects.filter(pk=reply.id).update(**fields):
+        # Added to the cost, in the same UPDATE: TTS parts may have added theirs already.
+        added = {"cost_usd": F("cost_usd") + llm_cost}
+        if not Message.objects.filter(pk=reply.id).update(**fields, **added):
             raise Message.DoesNotExist(f"no reply {reply.id}")
         for name, value in fields.items():
             setattr(reply, name, value)
@@ -307,15 +329,67 @@ def reply_finish(
                 reply_total_ms=reply_total_ms,
             ),
         )
+    _reply_observe(reply, status, prompt_tokens, completion_tokens, tts_kind)
+    metrics.cost_add(stage="llm", engine=reply.provider, usd=llm_cost)
+    # Ids and figures only: never the text at INFO.
+    log.info(
+        "reply finished: %s%s, seq %d, %d tokens in, %d out, %d audio parts, "
+        "final to first token %s ms, total %s ms (%s)",
+        status, f" ({error_code})" if error_code else "", reply.seq, prompt_tokens,
+        completion_tokens, audio_parts, final_to_first_token_ms, reply_total_ms, reply.provider,
+    )  # fmt: skip
     return reply
 
 
-def message_record_first_audio(*, message_id: UUID, first_token_to_first_audio_ms: int) -> None:
-    """The first audio's timing of a reply already stored (one that came before
-    the end is stored by reply_finish)."""
-    Message.objects.filter(pk=message_id, first_token_to_first_audio_ms__isnull=True).update(
-        first_token_to_first_audio_ms=first_token_to_first_audio_ms, updated_at=timezone.now()
+def _reply_observe(
+    reply: Message, status: str, prompt_tokens: int, completion_tokens: int, tts_kind: str
+) -> None:
+    engine = reply.provider
+    complete = status == Message.Status.COMPLETE
+    metrics.reply_finished(
+        engine=engine,
+        outcome="complete" if complete else str(status),  # interrupted, failed
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
     )
+    if complete:
+        metrics.stage_observe(metrics.FINAL_TO_FIRST_TOKEN, engine, reply.final_to_first_token_ms)
+        metrics.stage_observe(
+            metrics.FIRST_TOKEN_TO_FIRST_AUDIO, tts_kind, reply.first_token_to_first_audio_ms
+        )
+
+
+def message_record_first_audio(
+    *, message_id: UUID, first_token_to_first_audio_ms: int, tts_kind: str = ""
+) -> None:
+    """The first audio's timing of a reply already stored (one that came before
+    the end is stored by reply_finish). One statement; it enters the latency
+    histogram unless the reply was interrupted or failed (a second statement
+    then stores it)."""
+    unset = Message.objects.filter(pk=message_id, first_token_to_first_audio_ms__isnull=True)
+    fields = {
+        "first_token_to_first_audio_ms": first_token_to_first_audio_ms,
+        "updated_at": timezone.now(),
+    }
+    ended_badly = (Message.Status.INTERRUPTED, Message.Status.FAILED)
+    if unset.exclude(status__in=ended_badly).update(**fields):
+        metrics.stage_observe(
+            metrics.FIRST_TOKEN_TO_FIRST_AUDIO, tts_kind, first_token_to_first_audio_ms
+        )
+    else:
+        unset.update(**fields)
+
+
+def reply_speech_add(*, reply_id: UUID | str, tts_kind: str, audio_seconds: float) -> None:
+    """Count the speech one TTS part of a reply made (the TTS worker, once per
+    part with audio), and its price: one UPDATE of the reply, added with F() so
+    that parts and reply_finish, in any order, all count."""
+    cost = costs.prices().tts_usd(kind=tts_kind, audio_seconds=audio_seconds)
+    Message.objects.filter(pk=reply_id).update(
+        tts_audio_seconds=F("tts_audio_seconds") + audio_seconds,
+        cost_usd=F("cost_usd") + cost,
+    )
+    metrics.cost_add(stage="tts", engine=tts_kind, usd=cost)
 
 
 def message_edit(*, message: Message) -> Message:

@@ -1,8 +1,6 @@
-import uuid
-
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 
-from .logging import request_id_var
+from .logging import request_id_of, request_id_var
 
 
 class RequestIdMiddleware:
@@ -38,6 +36,6 @@ class RequestIdMiddleware:
 
     @staticmethod
     def _request_id(request) -> str:
-        value = request.headers.get("X-Request-ID", "")[:64] or uuid.uuid4().hex
+        value = request_id_of(request.headers.get("X-Request-ID", ""))
         request.request_id = value
         return value

@@ -1,9 +1,7 @@
-from django.urls import include, path
+from django.urls import path
 
 from . import views
 
 urlpatterns = [
-    path("healthz", views.healthz, name="healthz"),
-    path("readyz", views.readyz, name="readyz"),
-    path("", include("django_prometheus.urls")),
+    path("metrics", views.metrics, name="metrics"),
 ]

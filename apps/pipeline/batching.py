@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 
+from apps.observability import metrics
+
 from .providers.base import Transcript
 from .providers.registry import stt_get
 
@@ -41,6 +43,7 @@ class _Window:
     pcm: bytes
     draft: bool
     utterance_id: str
+    purpose: str = ""  # partial, candidate, final (metrics)
     future: Future = field(default_factory=Future)
 
 
@@ -71,7 +74,13 @@ class TranscriptionBatcher:
         threading.Thread(target=self._run, name="stt-batcher", daemon=True).start()
 
     def transcribe(
-        self, *, kind: str, read: Callable[[], bytes], draft: bool, utterance_id: str
+        self,
+        *,
+        kind: str,
+        read: Callable[[], bytes],
+        draft: bool,
+        utterance_id: str,
+        purpose: str = "",
     ) -> Transcript:
         """Read the window's audio (`read()`, on the caller's thread; meanwhile the
         batch being formed waits for it), then wait for its transcript. Raises
@@ -84,7 +93,8 @@ class TranscriptionBatcher:
             with self._changed:
                 self._arriving -= 1
                 self._changed.notify()
-        window = _Window(kind=kind, pcm=pcm, draft=draft, utterance_id=utterance_id)
+        purpose = purpose or ("partial" if draft else "final")
+        window = _Window(kind, pcm, draft, utterance_id, purpose)
         with self._changed:
             (self._drafts if draft else self._finals).append(window)
             self._changed.notify()
@@ -165,6 +175,8 @@ class TranscriptionBatcher:
         for kind in dict.fromkeys(window.kind for window in windows):
             group = [window for window in windows if window.kind == kind]
             self.batches = [*self.batches[-99:], ("drafts" if draft else "finals", len(group))]
+            metrics.STT_BATCH_SIZE.labels("draft" if draft else "final").observe(len(group))
+            started = time.perf_counter()
             try:
                 transcripts = stt_get(kind).transcribe_batch(
                     [window.pcm for window in group], draft=draft
@@ -173,8 +185,19 @@ class TranscriptionBatcher:
                 for window in group:
                     window.future.set_exception(exc)
                 continue
+            _observe(kind, group, time.perf_counter() - started)
             for window, transcript in zip(group, transcripts, strict=True):
                 window.future.set_result(transcript)
+
+
+def _observe(kind: str, group: list[_Window], model_s: float) -> None:
+    """Each window's audio seconds, and its share of the model call's time (in
+    proportion to its audio: every window of a batch has the batch's RTF)."""
+    total = sum(len(window.pcm) for window in group)
+    for window in group:
+        audio_s = len(window.pcm) / 32_000  # PCM16 16 kHz mono
+        share = model_s * len(window.pcm) / total if total else 0.0
+        metrics.transcribed(engine=kind, purpose=window.purpose, audio_s=audio_s, model_s=share)
 
 
 _batcher: TranscriptionBatcher | None = None

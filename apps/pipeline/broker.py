@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import json
 import logging
 import os
@@ -35,10 +36,15 @@ EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 
 def task_message(
-    *, task_name: str, kwargs: dict, queue: str, expires: float | None = None
+    *,
+    task_name: str,
+    kwargs: dict,
+    queue: str,
+    expires: float | None = None,
+    headers: dict | None = None,
 ) -> bytes:
     """The envelope kombu's Redis transport pushes for `apply_async(kwargs=…,
-    queue=…, expires=…, ignore_result=True)` of a Celery task."""
+    queue=…, expires=…, headers=…, ignore_result=True)` of a Celery task."""
     task_id = str(uuid.uuid4())
     body = json.dumps([[], kwargs, EMBED]).encode()
     properties: dict = {
@@ -54,7 +60,7 @@ def task_message(
     if expires:
         deadline = (datetime.now(UTC) + timedelta(seconds=expires)).isoformat()
         properties["expiration"] = str(int(expires * 1000))
-    headers: dict[str, object] = {
+    message_headers: dict[str, object] = {
         "lang": "py",
         "task": task_name,
         "id": task_id,
@@ -75,11 +81,12 @@ def task_message(
         "stamped_headers": None,
         "stamps": {},
     }
+    message_headers.update(headers or {})
     envelope = {
         "body": base64.b64encode(body).decode(),
         "content-encoding": "utf-8",
         "content-type": "application/json",
-        "headers": headers,
+        "headers": message_headers,
         "properties": properties,
     }
     return json.dumps(envelope).encode()
@@ -109,7 +116,10 @@ class AsyncProducer:
         self.pending.append(job)
         if self.draining is None or self.draining.done():
             loop = asyncio.get_running_loop()
-            self.draining = loop.create_task(self.drain(), name="broker-producer")
+            # Batches of many sockets' jobs: its log lines carry no one socket's ids.
+            self.draining = loop.create_task(
+                self.drain(), name="broker-producer", context=contextvars.Context()
+            )
 
     async def drain(self) -> None:
         while self.pending:

@@ -18,6 +18,8 @@ import asyncio
 import logging
 import os
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ from typing import Any
 
 from django.conf import settings
 from django.db import close_old_connections
+
+from apps.observability.logging import task_headers, task_logged
 
 from .broker import Pending, async_producer, task_message, writes_natively
 
@@ -43,6 +47,7 @@ class _Job:
     expires: float | None
     on_error: OnError | None
     loop: asyncio.AbstractEventLoop | None
+    headers: dict
 
 
 class _Publisher:
@@ -61,6 +66,7 @@ class _Publisher:
                     kwargs=job.kwargs,
                     queue=job.queue,
                     expires=job.expires,
+                    headers=job.headers,
                     ignore_result=True,
                     retry=True,
                     retry_policy=RETRY_POLICY,
@@ -123,9 +129,39 @@ def queue_backlog(queue_name: str) -> int:
     return int(client.llen(queue_name))
 
 
-def _run_in_thread(task, kwargs: dict) -> None:
+# Enqueue times (epoch seconds) of each in-process queue's jobs not yet started,
+# oldest first (the executor starts them in order): the queue metrics read them.
+_waiting: dict[str, deque[float]] = {}
+
+
+def in_process_backlog(queue_name: str) -> tuple[int, float | None]:
+    """An in-process queue's waiting jobs, and when the oldest was enqueued."""
+    waiting = _waiting.get(queue_name)
+    if not waiting:
+        return 0, None
     try:
-        task.run(**kwargs)
+        return len(waiting), waiting[0]
+    except IndexError:  # started meanwhile
+        return 0, None
+
+
+def _submit(queue_name: str, task, kwargs: dict, headers: dict | None = None) -> None:
+    waiting = _waiting.setdefault(queue_name, deque())
+    waiting.append(time.time())
+    _executor(queue_name).submit(_run_in_thread, task, kwargs, waiting, queue_name, headers)
+
+
+def _run_in_thread(
+    task, kwargs: dict, waiting: deque | None = None, queue_name: str = "", headers=None
+) -> None:
+    if waiting:
+        try:
+            waiting.popleft()
+        except IndexError:
+            pass
+    try:
+        with task_logged(task.name, queue_name, headers):  # as a worker runs it: under its ids
+            task.run(**kwargs)
     except Exception:
         log.exception("in-process task %s failed", task.name)
         raise
@@ -148,21 +184,24 @@ def enqueue(
 ) -> None:
     """Run `task(**kwargs)` on a worker of its queue (or `queue`); never blocks.
     Task arguments are ids, offsets and short strings, never audio. `expires`
-    (seconds) drops a job that waited too long (a stale draft)."""
+    (seconds) drops a job that waited too long (a stale draft). The message's
+    headers carry the caller's request, conversation and user ids and the
+    enqueue time (apps.observability.logging.task_headers)."""
     queue_name = queue or queue_of(task)
+    headers = task_headers()
     try:
         loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:
         loop = None
     if not settings.CELERY_BROKER_URL:
-        _executor(queue_name).submit(_run_in_thread, task, kwargs)
+        _submit(queue_name, task, kwargs, headers)
         return
     if loop is not None and writes_natively(settings.CELERY_BROKER_URL):
         message = task_message(task_name=task.name, kwargs=kwargs, queue=queue_name,
-                               expires=expires)  # fmt: skip
+                               expires=expires, headers=headers)  # fmt: skip
         async_producer().put(Pending(queue_name, message, on_error))
         return
-    job = _Job(task, queue_name, kwargs, expires, on_error, loop)
+    job = _Job(task, queue_name, kwargs, expires, on_error, loop, headers)
     try:
         _publisher_get().jobs.put_nowait(job)
     except Full:

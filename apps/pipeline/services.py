@@ -14,10 +14,17 @@ from django.conf import settings
 from apps.conversations.context import conversation_context
 from apps.conversations.models import Conversation, Message, TranscriptSegment
 from apps.conversations.selectors import history_for_reply
-from apps.conversations.services import reply_begin, reply_finish, transcript_finalize
+from apps.conversations.services import (
+    reply_begin,
+    reply_finish,
+    reply_speech_add,
+    transcript_finalize,
+)
+from apps.observability import metrics
 from apps.realtime.broadcast import apublish, publish
 from apps.realtime.events import event
 
+from .audio import pcm16_seconds
 from .audio_store import REPLY_AUDIO_TTL_SECONDS, audio_store, reply_audio_key, utterance_key
 from .batching import Skipped, batcher
 from .dispatch import enqueue
@@ -123,14 +130,17 @@ def _transcribe(provider: str, key: str, window: UtteranceWindow) -> tuple[Trans
             read=read,
             draft=window.purpose == "partial",
             utterance_id=window.utterance_id,
+            purpose=window.purpose,
         )
         return transcript, audio_bytes
     except Skipped:
         return Transcript(""), audio_bytes
     except ProviderError as exc:
+        metrics.provider_error(stage="stt", engine=provider, code=exc.code)
         publish(conversation_id, event("error", code=exc.code, message=exc.message))
     except Exception:
         log.exception("speech-to-text failed")
+        metrics.provider_error(stage="stt", engine=provider, code="stt_unavailable")
         publish(
             conversation_id,
             event(
@@ -178,12 +188,18 @@ def synthesize_sentence(*, sentence: SentenceToSpeak) -> None:
     (`index`, `chunk`, `last`) to the sockets, which fetch it and send the pieces
     in order. A stopped reply is skipped, also between pieces; a failure ends the
     part with an empty last piece, so later parts still play in order. Safe to run
-    twice: a socket sends each piece once."""
+    twice: a socket sends each piece once (the part's speech seconds and cost, added
+    to the reply once all its audio is out, would be counted twice)."""
     conversation_id, reply_id = sentence.conversation_id, sentence.reply_id
     engine = sentence.tts_kind or settings.TTS_KIND
+    spoken_s = 0.0
     for chunk, (piece, failed) in enumerate(_speech_pieces(sentence, engine)):
         key = f"{reply_audio_key(reply_id, sentence.index)}:{chunk}"
         if piece.pcm:
+            spoken_s += pcm16_seconds(piece.pcm, piece.sample_rate)
+            metrics.tts_synthesized(
+                engine=engine, pcm_bytes=len(piece.pcm), sample_rate=piece.sample_rate
+            )
             audio_store().put(key, piece.pcm, REPLY_AUDIO_TTL_SECONDS)
         publish(
             conversation_id,
@@ -200,6 +216,9 @@ def synthesize_sentence(*, sentence: SentenceToSpeak) -> None:
                 error=failed,
             ),
         )
+    if spoken_s:
+        # after the audio is out: one UPDATE of the reply per part with speech
+        reply_speech_add(reply_id=reply_id, tts_kind=engine, audio_seconds=spoken_s)
 
 
 def _speech_pieces(sentence: SentenceToSpeak, engine: str) -> Iterator[tuple[SpeechChunk, str]]:
@@ -221,10 +240,12 @@ def _speech_pieces(sentence: SentenceToSpeak, engine: str) -> Iterator[tuple[Spe
                 break  # stopped between two pieces
     except ProviderError as exc:
         failed = exc.code
+        metrics.provider_error(stage="tts", engine=engine, code=failed)
         publish(sentence.conversation_id, event("error", code=exc.code, message=exc.message))
     except Exception:
         log.exception("text-to-speech failed")
         failed = "tts_unavailable"
+        metrics.provider_error(stage="tts", engine=engine, code=failed)
         publish(
             sentence.conversation_id,
             event("error", code=failed, message="Speech synthesis failed."),
@@ -369,10 +390,12 @@ async def reply_run(
         status = Message.Status.INTERRUPTED
     except ProviderError as exc:
         status, error_code = Message.Status.FAILED, exc.code
+        metrics.provider_error(stage="llm", engine=plan.engines.llm, code=error_code)
         await apublish(conversation_id, event("error", code=exc.code, message=exc.message))
     except Exception:
         log.exception("reply failed")
         status, error_code = Message.Status.FAILED, "llm_unavailable"
+        metrics.provider_error(stage="llm", engine=plan.engines.llm, code=error_code)
         await apublish(
             conversation_id,
             event("error", code=error_code, message="The persona could not answer just now."),
@@ -404,6 +427,7 @@ async def _reply_store(plan, state, status, error_code, usage, first_ms, final_a
         first_token_to_first_audio_ms=state.first_audio_ms,
         error_code=error_code,
         audio_parts=state.sentences,
+        tts_kind=plan.engines.tts,
     )
 
 

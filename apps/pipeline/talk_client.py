@@ -8,11 +8,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import websocket
 
 FRAME_BYTES = 3200  # 100 ms of PCM16 16 kHz mono
+T = TypeVar("T")
 
 
 @dataclass
@@ -30,11 +32,15 @@ class TalkClient:
     received: list[Received] = field(default_factory=list)
     closed: threading.Event = field(default_factory=threading.Event)
     close_code: int | None = None
+    keep_audio: bool = True  # False: binary events hold only their size (long load tests)
+    request_id: str = ""  # sent as X-Request-ID: the server logs the socket's work under it
 
     def connect(self, *, resume_from: int = 0, timeout: float = 10, hello: bool = True) -> dict:
         parts = urlsplit(self.url)
         origin = self.origin or f"{'https' if parts.scheme == 'wss' else 'http'}://{parts.netloc}"
         headers = [f"Cookie: sessionid={self.session_cookie}"] if self.session_cookie else []
+        if self.request_id:
+            headers.append(f"X-Request-ID: {self.request_id}")
         self._t0 = time.monotonic()
         self._changed = threading.Condition()
         self.ws = websocket.create_connection(
@@ -64,7 +70,9 @@ class TalkClient:
             if opcode == websocket.ABNF.OPCODE_TEXT:
                 event = json.loads(data)
             else:
-                event = {"type": "binary", "bytes": len(data), "data": data}
+                event = {"type": "binary", "bytes": len(data)}
+                if self.keep_audio:
+                    event["data"] = data
             self._record(event)
         self.closed.set()
         with self._changed:
@@ -113,6 +121,22 @@ class TalkClient:
                     raise TimeoutError(f"no matching event within {timeout}s; last: {types}")
                 self._changed.wait(left)
 
+    def wait_until(self, check: Callable[[list[Received]], T | None], *, timeout: float = 30) -> T:
+        """The first non-None result of `check(received)`, re-evaluated as events
+        arrive; TimeoutError after `timeout` seconds or when the socket closes."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                result = check(self.received)
+                if result is not None:
+                    return result
+                left = deadline - time.monotonic()
+                if left <= 0 or self.closed.is_set():
+                    types = [r.event["type"] for r in self.received][-15:]
+                    why = f"closed ({self.close_code})" if self.closed.is_set() else "timed out"
+                    raise TimeoutError(f"{why} after {timeout}s; last: {types}")
+                self._changed.wait(left)
+
     def wait_quiet(self, *, quiet: float = 1.5, timeout: float = 30) -> None:
         """Until nothing has arrived for `quiet` seconds."""
         deadline = time.monotonic() + timeout
@@ -157,3 +181,145 @@ def turn_after_speech(client: TalkClient, *, after: int, timeout: float = 60) ->
     )
     summary["sample_rate"] = audio_starts[0].event["sample_rate"] if audio_starts else None
     return summary
+
+
+# --- Turns timed on the client's clock (the load tests) ---------------------------------
+
+
+@dataclass
+class ReplyTimes:
+    """One reply as a socket saw it; times in seconds on the client's clock."""
+
+    reply_id: str
+    first_token_t: float | None = None
+    first_audio_t: float | None = None
+    done_t: float | None = None  # reply.done, or reply.interrupted
+    complete_t: float | None = None  # reply.done and every part of its audio, bytes included
+    status: str = ""  # "complete", "failed", "interrupted"
+    audio_cut: bool = False  # this socket spoke again before the audio was all sent
+
+
+def reply_times(received: list[Received], reply_id: str) -> ReplyTimes:
+    """What `received` holds of one reply: its first token, first audio, end and
+    when its audio was complete (all `audio_parts` parts' last pieces and every
+    byte each `reply.audio.start` announced), or was cut: a `speech.start` after
+    the reply's end stops the rest of its audio without an event (protocol §9)."""
+    times = ReplyTimes(reply_id)
+    parts = lasts = owed = 0
+    mine = False  # whether the binary frames now arriving follow one of its starts
+    for item in received:
+        event = item.event
+        kind = event["type"]
+        if kind == "binary":
+            if mine:
+                owed -= event["bytes"]
+        elif kind == "reply.audio.start":
+            mine = event["reply_id"] == reply_id
+            if mine:
+                times.first_audio_t = times.first_audio_t or item.t
+                owed += event["bytes"]
+                lasts += bool(event.get("last", True))
+        elif kind == "speech.start":
+            if times.done_t is not None and times.complete_t is None:
+                times.complete_t, times.audio_cut = item.t, True
+            continue
+        elif event.get("reply_id") != reply_id:
+            continue
+        elif kind == "reply.delta" and times.first_token_t is None:
+            times.first_token_t = item.t
+        elif kind in ("reply.done", "reply.interrupted") and times.done_t is None:
+            times.done_t = item.t
+            times.status = event.get("status") or kind.removeprefix("reply.")
+            parts = event.get("audio_parts") or 0
+        if (
+            times.done_t is not None
+            and times.complete_t is None
+            and (times.status == "interrupted" or (lasts >= parts and owed <= 0))
+        ):
+            times.complete_t = item.t
+    return times
+
+
+@dataclass
+class SpokenTurn:
+    """One utterance and its reply; times in seconds on the client's clock."""
+
+    utterance_id: str
+    speech_end_t: float
+    final_t: float
+    text: str  # "" for transcript.empty
+    reply: ReplyTimes | None  # None for an empty transcript
+
+
+def _reply_after(received: list[Received], after: int) -> str | None:
+    """The id of the first reply that shows up from index `after`."""
+    for item in received[after:]:
+        if item.event["type"] in ("reply.delta", "reply.done", "reply.interrupted"):
+            return item.event["reply_id"]
+    return None
+
+
+def spoken_turns(received: list[Received], after: int) -> list[SpokenTurn] | None:
+    """The utterances that started from index `after`, once every one has ended,
+    been transcribed, and had its reply complete (or interrupted); else None."""
+    starts = ends = 0
+    turns = []
+    for index, item in enumerate(received[after:], start=after):
+        kind = item.event["type"]
+        starts += kind == "speech.start"
+        if kind != "speech.end":
+            continue
+        ends += 1
+        uid = item.event["utterance_id"]
+        outcome = next(
+            (
+                (n, r)
+                for n, r in enumerate(received[index:], start=index)
+                if r.event["type"] in ("transcript.final", "transcript.empty")
+                and r.event.get("utterance_id") == uid
+            ),
+            None,
+        )
+        if outcome is None:
+            return None
+        at, final = outcome
+        if final.event["type"] == "transcript.empty":
+            turns.append(SpokenTurn(uid, item.t, final.t, "", None))
+            continue
+        reply_id = _reply_after(received, at)
+        reply = reply_times(received[at:], reply_id) if reply_id else None
+        if reply is None or reply.complete_t is None:
+            return None
+        turns.append(SpokenTurn(uid, item.t, final.t, final.event["text"], reply))
+    return turns if starts == ends else None
+
+
+@dataclass
+class TextTurn:
+    sent_t: float
+    final_t: float
+    reply: ReplyTimes
+
+
+def text_turn(client: TalkClient, text: str, *, timeout: float = 60) -> TextTurn:
+    """Send a typed turn and wait for its reply to end, audio included."""
+    after = len(client.received)
+    sent = client.now()
+    client.send_json({"type": "text", "text": text})
+
+    def settled(received: list[Received]) -> TextTurn | None:
+        final = next(
+            (
+                (n, r)
+                for n, r in enumerate(received[after:], start=after)
+                if r.event["type"] == "transcript.final" and r.event.get("source") == "text"
+            ),
+            None,
+        )
+        reply_id = final and _reply_after(received, final[0])
+        if not final or not reply_id:
+            return None
+        reply = reply_times(received[final[0] :], reply_id)
+        return TextTurn(sent, final[1].t, reply) if reply.complete_t is not None else None
+
+    return client.wait_until(settled, timeout=timeout)

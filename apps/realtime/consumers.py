@@ -15,6 +15,9 @@ from django.db import DatabaseError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
+from apps.observability import metrics
+from apps.observability.logging import ids_bind, request_id_of_scope
+
 from .broadcast import bind_home_loop
 from .events import event, group_name
 from .protocol import ProtocolError, parse_control, parse_hello, parse_text
@@ -56,12 +59,17 @@ class ConversationConsumer(AsyncWebsocketConsumer):
     async def connect(self):
         self.background: set[asyncio.Task] = set()
         self.error_sent_at: dict[str, float] = {}
+        # The socket's ids live in this consumer's task: every handler, and every
+        # task it spawns or enqueues, logs with them (apps/observability/logging.py).
+        ids_bind(request_id=request_id_of_scope(self.scope))
         await self.accept()
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             return await self.refuse(CLOSE_UNAUTHENTICATED, "unauthenticated", "Sign in first.")
+        conversation_id = self.scope["url_route"]["kwargs"]["conversation_id"]
+        ids_bind(user_id=user.pk, conversation_id=conversation_id)
         context, problem = await database_sync_to_async(socket_open)(
-            conversation_id=self.scope["url_route"]["kwargs"]["conversation_id"], user=user
+            conversation_id=conversation_id, user=user
         )
         if context is None:
             return await self.refuse(*REFUSALS[problem][:1], problem, REFUSALS[problem][1])
@@ -73,18 +81,26 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             send_error=self.send_error,
             spawn=self.spawn,
         )
+        metrics.SOCKETS_ACCEPTED.inc()
+        metrics.SOCKETS_OPEN.inc()
         await self.channel_layer.group_add(group_name(context.conversation_id), self.channel_name)
+        log.info("socket opened")
 
     async def refuse(self, code: int, error_code: str, message: str) -> None:
+        log.info("socket refused: %s, close code %d", error_code, code)
+        metrics.SOCKETS_OPENED.labels(str(code)).inc()
         await self.send_event(event("error", code=error_code, message=message, fatal=True))
         await self.close(code=code)
 
     async def disconnect(self, code):
+        log.info("socket closed: code %s", code)
+        metrics.SOCKET_CLOSES.labels(str(code)).inc()
         for task in self.background:
             task.cancel()
         session, self.session = self.session, None
         if session is None:
             return
+        metrics.SOCKETS_OPEN.dec()
         group = group_name(session.context.conversation_id)
         await self.channel_layer.group_discard(group, self.channel_name)
         await session.close()  # keeps what was said
@@ -95,9 +111,15 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         session = self.session
         if session is None:
             return  # refused: ignore what follows
-        if message.get("bytes") is not None:
-            return await session.frame(message["bytes"])
-        control = parse_control(message.get("text") or "")
+        data = message.get("bytes")
+        if data is not None:
+            metrics.AUDIO_FRAMES.inc()
+            metrics.AUDIO_BYTES.inc(len(data))
+            return await session.frame(data)
+        text = message.get("text") or ""
+        metrics.CONTROL_FRAMES.inc()
+        metrics.CONTROL_BYTES.inc(len(text.encode()))
+        control = parse_control(text)
         kind = control["type"]
         if kind == "hello":
             return await self.hello(control)
@@ -175,6 +197,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
 
     async def send_error(self, code: str, message: str) -> None:
         """Errors from a flood of bad frames are sent at most once a second per code."""
+        metrics.PROTOCOL_ERRORS.labels(code).inc()
         now = asyncio.get_running_loop().time()
         if now - self.error_sent_at.get(code, -10.0) < 1.0:
             return

@@ -17,6 +17,7 @@ streak, through its `on_error`."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import socket
@@ -25,6 +26,7 @@ import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from django.conf import settings
 
@@ -152,7 +154,8 @@ class LiveWriter:
         if audio.stored >= len(audio.pcm) and not audio.rewrite:
             then()
             return
-        audio.waiters.append((len(audio.pcm), then))
+        # It runs in the caller's context (its socket's request id goes with the job).
+        audio.waiters.append((len(audio.pcm), partial(contextvars.copy_context().run, then)))
         self.wake.set()
 
     def reply_open(self, *, reply_id: str, conversation_id: str) -> None:
@@ -186,7 +189,9 @@ class LiveWriter:
 
     def _start(self) -> None:
         if self.task is None or self.task.done():
-            self.task = asyncio.get_running_loop().create_task(self.run(), name="live-writer")
+            self.task = asyncio.get_running_loop().create_task(
+                self.run(), name="live-writer", context=contextvars.Context()
+            )  # the process's, not the first socket's: its log lines carry no socket's ids
 
     async def run(self) -> None:
         interval = settings.AUDIO_FLUSH_MS / 1000

@@ -8,12 +8,14 @@ it parses, routes and sends; this module decides."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 
 from apps.conversations.services import message_record_first_audio, text_message_add
+from apps.observability import metrics
 from apps.pipeline.audio_store import audio_store
 from apps.pipeline.vad import BYTES_PER_MS
 
@@ -29,6 +31,8 @@ from .speech import SpeechIngest
 
 
 class Session:
+    last_audio_at = -1e9  # time.monotonic() of the last audio frame (sockets streaming)
+
     def __init__(
         self,
         context: SocketContext,
@@ -65,6 +69,7 @@ class Session:
         self.rate = AudioRateLimiter(
             factor=settings.AUDIO_RATE_FACTOR, burst_ms=settings.AUDIO_RATE_BURST_S * 1000
         )
+        metrics.streaming_track(self)
 
     async def close(self) -> None:
         """The socket is gone: keep what was said, then let go of everything, so
@@ -84,6 +89,7 @@ class Session:
             raise ProtocolError(
                 "rate_limited", "Audio is arriving faster than real time; frames were dropped."
             )
+        self.last_audio_at = time.monotonic()
         await self.speech.frame(data)
 
     async def hello(self, resume_from: int) -> None:
@@ -151,7 +157,9 @@ class Session:
             return {"first_token_to_first_audio_ms": ms}
         self.spawn(
             database_sync_to_async(message_record_first_audio)(
-                message_id=reply_id, first_token_to_first_audio_ms=ms
+                message_id=reply_id,
+                first_token_to_first_audio_ms=ms,
+                tts_kind=self.context.engines.tts,
             )
         )  # stored in the background: the audio does not wait for the database
         return {"first_token_to_first_audio_ms": ms}

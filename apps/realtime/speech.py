@@ -8,6 +8,7 @@ no I/O, no await unless something happened."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,8 @@ from apps.pipeline.values import CandidateTranscript, Purpose, UtteranceWindow
 
 from .events import event
 from .live import LiveWriter, OpenAudio
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -158,13 +161,10 @@ class SpeechIngest:
                 )
         else:
             self.transcribe(utterance, purpose="final")
+        duration_ms = utterance.bytes // BYTES_PER_MS
+        log.info("utterance ended: %s, %d ms, %s", utterance.id, duration_ms, reason)
         await self.send(
-            event(
-                "speech.end",
-                utterance_id=utterance.id,
-                duration_ms=utterance.bytes // BYTES_PER_MS,
-                reason=reason,
-            )
+            event("speech.end", utterance_id=utterance.id, duration_ms=duration_ms, reason=reason)
         )
 
     def transcribe(self, utterance: Utterance, *, purpose: Purpose) -> None:

@@ -1,8 +1,16 @@
+import re
+from datetime import timedelta
+from decimal import Decimal
+
 import pytest
 from django.contrib.auth import SESSION_KEY
 from django.urls import reverse
+from django.utils import timezone
 
 from apps.accounts.models import User
+from apps.conversations.models import Conversation
+from apps.conversations.tests.factories import ConversationFactory, MessageFactory
+from apps.personas.tests.factories import PersonaFactory
 
 from .factories import PASSWORD, UserFactory
 
@@ -218,6 +226,82 @@ def test_usage_left_never_goes_below_zero(client):
     assert '<dd id="tokens-left">0</dd>' in html
 
 
+def flat(html: str) -> str:
+    return re.sub(r">\s+<", "><", html)
+
+
+def test_usage_shows_the_users_totals_and_each_recent_conversations_cost(client):
+    # given a user's two conversations with voice turns and replies, and someone else's
+    user = UserFactory()
+    ada, bob = PersonaFactory(name="Ada"), PersonaFactory(name="Bob")
+    older = ConversationFactory(user=user, persona=ada)
+    newer = ConversationFactory(user=user, persona=bob)
+    MessageFactory(conversation=older, source="voice", stt_audio_seconds=4.5, cost_usd="0.00041")
+    MessageFactory(
+        conversation=older,
+        role="assistant",
+        source="llm",
+        prompt_tokens=1000,
+        completion_tokens=250,
+        tts_audio_seconds=3.0,
+        cost_usd="0.032",
+    )
+    MessageFactory(
+        conversation=newer,
+        role="assistant",
+        source="llm",
+        prompt_tokens=200,
+        completion_tokens=50,
+        tts_audio_seconds=1.5,
+        cost_usd="0.5",
+    )
+    MessageFactory(cost_usd="9", prompt_tokens=9999)  # another user's
+    client.force_login(user)
+
+    # when
+    html = flat(client.get("/accounts/usage/").content.decode())
+
+    # then the totals are of this user's turns only
+    assert '<dd id="total-stt-seconds">4.5 s</dd>' in html
+    assert '<dd id="total-tts-seconds">4.5 s</dd>' in html
+    assert '<dd id="total-tokens">1200 / 300</dd>' in html
+    assert '<dd id="total-cost">$0.5324</dd>' in html  # 0.53241 to 4 places
+    # and each conversation has its own row, newest first
+    rows = re.findall(r'<tr id="cost-([0-9a-f-]+)">(.*?)</tr>', html)
+    assert [conversation_id for conversation_id, _ in rows] == [str(newer.id), str(older.id)]
+    newer_row, older_row = (cells for _, cells in rows)
+    assert "<td>Bob</td><td>0.0 s</td><td>1.5 s</td><td>250</td><td>$0.5000</td>" in newer_row
+    assert "<td>Ada</td><td>4.5 s</td><td>3.0 s</td><td>1250</td><td>$0.0324</td>" in older_row
+
+
+def test_usage_lists_only_the_most_recent_conversations(client):
+    # given more conversations than the page shows
+    user = UserFactory()
+    persona = PersonaFactory()
+    conversations = [ConversationFactory(user=user, persona=persona) for _ in range(23)]
+    start = timezone.now() - timedelta(days=1)
+    for i, conversation in enumerate(conversations):
+        Conversation.objects.filter(pk=conversation.pk).update(
+            started_at=start + timedelta(minutes=i)
+        )
+    client.force_login(user)
+
+    response = client.get("/accounts/usage/")
+
+    shown = re.findall(r'<tr id="cost-([0-9a-f-]+)">', response.content.decode())
+    assert shown == [str(c.id) for c in reversed(conversations)][:20]
+    assert '<dd id="total-cost">$0.0000</dd>' in response.content.decode()
+
+
+def test_usage_without_conversations_says_so(client):
+    client.force_login(UserFactory())
+
+    html = client.get("/accounts/usage/").content.decode()
+
+    assert "No conversations yet." in html
+    assert '<dd id="total-cost">$0.0000</dd>' in html
+
+
 def test_usage_requires_login(client):
     response = client.get("/accounts/usage/")
 
@@ -227,12 +311,18 @@ def test_usage_requires_login(client):
 
 # --- Query budgets per page ----------------------------------------------------------------
 
-# Measured, embedded: session and user (services mode: the session from the cache, 1).
-USAGE_QUERY_BUDGET = 2
+# Measured, embedded: session and user (services mode: the session from the cache, 1),
+# the user's cost totals, their recent conversations, and those conversations' sums.
+USAGE_QUERY_BUDGET = 5
 
 
 def test_usage_page_stays_within_its_query_budget(client, django_assert_max_num_queries):
-    client.force_login(UserFactory())
+    user = UserFactory()
+    for _ in range(3):
+        MessageFactory.create_batch(
+            2, conversation=ConversationFactory(user=user), cost_usd=Decimal("0.1")
+        )
+    client.force_login(user)
 
     with django_assert_max_num_queries(USAGE_QUERY_BUDGET):
         assert client.get("/accounts/usage/").status_code == 200

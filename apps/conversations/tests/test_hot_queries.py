@@ -37,6 +37,9 @@ def test_every_hot_query_uses_an_index():
         "page /conversations/: history, first page",
         "page /conversations/?before=: history, next page",
         "page /conversations/<id>/transcript/?after=",
+        "voice turn: a TTS part's speech and cost (reply_speech_add, TTS worker)",
+        "page /accounts/usage/: the user's cost totals",
+        "page /accounts/usage/: the recent conversations' costs",
     } <= paths
     assert all(plan.plan for plan in plans)
     # ...and none reads a table without an index

@@ -11,6 +11,8 @@ import openai
 from django.conf import settings
 from openai.types.chat import ChatCompletionMessageParam
 
+from apps.observability.metrics import async_retry_hook
+
 from .base import ChatMessage, ProviderError, ReplyRequest, ReplyStream, ReplyUsage
 
 
@@ -59,6 +61,9 @@ class OpenAILLM:
                 api_key=self.api_key,
                 timeout=self.timeout_s,
                 max_retries=self.max_retries,
+                http_client=openai.DefaultAsyncHttpxClient(  # retries counted
+                    event_hooks={"request": [async_retry_hook("llm", self.kind)]}
+                ),
             )
             self._clients[loop] = client
         return client

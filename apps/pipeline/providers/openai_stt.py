@@ -3,17 +3,23 @@
 import openai
 from django.conf import settings
 
+from apps.observability.metrics import retry_hook
+
 from ..audio import wav_bytes
 from .base import SAMPLE_RATE, ProviderError, Transcript
 
 
-def sync_client() -> openai.OpenAI:
-    """The sync client shared by the OpenAI STT and TTS engines (thread-safe)."""
+def sync_client(stage: str = "stt") -> openai.OpenAI:
+    """A sync client of the OpenAI STT or TTS engine (thread-safe). Its retries
+    are counted in parley_provider_retries_total{stage}."""
     return openai.OpenAI(
         base_url=settings.OPENAI_BASE_URL or None,
         api_key=settings.LLM_API_KEY or "missing",
         timeout=settings.LLM_TIMEOUT_S,
         max_retries=settings.LLM_MAX_RETRIES,
+        http_client=openai.DefaultHttpxClient(
+            event_hooks={"request": [retry_hook(stage, "openai")]}
+        ),
     )
 
 

@@ -16,7 +16,7 @@ class OpenAITTS:
     kind = "openai"
 
     def __init__(self) -> None:
-        self.client = sync_client()
+        self.client = sync_client("tts")
         self.model = settings.OPENAI_TTS_MODEL
 
     def synthesize_stream(self, text: str, *, voice: str = "") -> Iterator[SpeechChunk]:

@@ -81,12 +81,14 @@ def test_the_native_message_is_the_one_kombu_writes(settings):
     app.conf.task_time_limit = settings.CELERY_TASK_TIME_LIMIT
     queue = f"envelope-{uuid.uuid4().hex[:6]}"
     kwargs = {"conversation_id": "c", "utterance_id": "u", "end_byte": 3200, "purpose": "partial"}
+    headers = {"parley_request_id": "r-1", "parley_enqueued_at": 1.5}  # the logs' ids
     app.task(name="apps.pipeline.tasks.transcribe_window_task")(_noop).apply_async(
-        kwargs=kwargs, queue=queue, expires=3.0, ignore_result=True
+        kwargs=kwargs, queue=queue, expires=3.0, ignore_result=True, headers=headers
     )
     theirs = memory.Channel.queues.pop(queue).get_nowait()
     ours = json.loads(task_message(task_name="apps.pipeline.tasks.transcribe_window_task",
-                                   kwargs=kwargs, queue=queue, expires=3.0))  # fmt: skip
+                                   kwargs=kwargs, queue=queue, expires=3.0,
+                                   headers=headers))  # fmt: skip
 
     varying = {"id", "root_id", "correlation_id", "delivery_tag", "origin", "reply_to", "expires"}
 
@@ -102,6 +104,7 @@ def test_the_native_message_is_the_one_kombu_writes(settings):
         ours["headers"]["id"] == ours["headers"]["root_id"] == ours["properties"]["correlation_id"]
     )
     assert ours["headers"]["expires"][:16] == theirs["headers"]["expires"][:16]  # to the minute
+    assert ours["headers"]["parley_request_id"] == "r-1"
 
 
 async def test_the_backlog_counts_jobs_not_yet_taken(services_mode, settings):

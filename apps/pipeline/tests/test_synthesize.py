@@ -32,6 +32,21 @@ def published(monkeypatch) -> list[dict]:
     return events
 
 
+@pytest.fixture(autouse=True)
+def speech_counted(monkeypatch) -> list[tuple[str, str, float]]:
+    """The speech each part adds to its reply (reply_id, engine, seconds): these tests
+    have no reply rows (the real UPDATE: apps/conversations/tests/test_costs.py)."""
+    counted: list[tuple[str, str, float]] = []
+    monkeypatch.setattr(
+        services,
+        "reply_speech_add",
+        lambda *, reply_id, tts_kind, audio_seconds: counted.append(
+            (reply_id, tts_kind, audio_seconds)
+        ),
+    )
+    return counted
+
+
 @pytest.fixture
 def sentences_made(monkeypatch) -> list[int]:
     """How many sentences the real Piper voice has made, counted as it makes them."""
@@ -152,7 +167,7 @@ async def test_a_stop_between_two_pieces_skips_the_rest_of_the_part(
     ]
 
 
-async def test_a_stopped_reply_is_not_synthesised_at_all(published, sentences_made):
+async def test_a_stopped_reply_is_not_synthesised_at_all(published, sentences_made, speech_counted):
     reply_id = str(uuid.uuid4())
     await reply_audio_skip(reply_id=reply_id)
 
@@ -161,6 +176,7 @@ async def test_a_stopped_reply_is_not_synthesised_at_all(published, sentences_ma
     assert sentences_made == []
     [piece] = audio_events(published)
     assert (piece["chunk"], piece["last"], piece["bytes"]) == (0, True, 0)
+    assert speech_counted == []  # no speech, no statement
 
 
 class FailsAfterOnePiece:
@@ -172,11 +188,12 @@ class FailsAfterOnePiece:
 
 
 def test_a_failure_after_the_first_piece_ends_the_part_with_an_empty_last_piece(
-    published, monkeypatch
+    published, monkeypatch, speech_counted
 ):
     monkeypatch.setattr(services, "tts_get", lambda kind: FailsAfterOnePiece())
+    reply_id = str(uuid.uuid4())
 
-    synthesize_sentence(sentence=part(str(uuid.uuid4()), 1, "Whatever. It fails."))
+    synthesize_sentence(sentence=part(reply_id, 1, "Whatever. It fails."))
 
     pieces = audio_events(published)
     assert [(p["chunk"], p["last"], p["bytes"], p["error"]) for p in pieces] == [
@@ -185,6 +202,8 @@ def test_a_failure_after_the_first_piece_ends_the_part_with_an_empty_last_piece(
     ]
     assert pieces[1]["sample_rate"] == 22_050
     assert [e["code"] for e in published if e["type"] == "error"] == ["tts_unavailable"]
+    # the piece made before the failure is counted (and paid): 100 samples at 22.05 kHz
+    assert speech_counted == [(reply_id, "piper", 100 / 22_050)]
 
 
 async def test_a_socket_plays_every_piece_once_in_order_whatever_order_they_are_made(published):

@@ -5,7 +5,6 @@ documented error, the utterance's audio (kept in the web process) is written
 again, its final arrives, and the next turn works."""
 
 import contextlib
-import subprocess
 import time
 
 import pytest
@@ -20,22 +19,6 @@ from .conftest import socket_opener
 
 CLIP = "deepspeech_LDC93S1.wav"
 SILENCE = bytes(64_000)  # 2 s
-
-
-def start_redis(port: int) -> subprocess.Popen:
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            if client.ping():
-                return process
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    raise RuntimeError("our Redis did not start")
 
 
 def start_worker(env: dict) -> live.LiveWorker:
@@ -68,7 +51,7 @@ def started():
 @pytest.fixture
 def own_redis():
     port = live.free_port()
-    holder = {"port": port, "process": start_redis(port)}
+    holder = {"port": port, "process": live.start_redis(port)}
     yield holder
     holder["process"].terminate()
     holder["process"].wait(10)
@@ -105,7 +88,7 @@ def test_a_redis_restart_mid_utterance_keeps_the_socket_and_the_audio(
     client.wait_for(lambda e: e["type"] == "pong" and e["t"] == "still-there", timeout=10)
 
     # and once Redis is back, the utterance's audio is written again and transcribed
-    own_redis["process"] = start_redis(own_redis["port"])
+    own_redis["process"] = live.start_redis(own_redis["port"])
     assert "all year" in spoken_final(client, b"")["text"].lower()  # the whole clip
 
     # and the next turn works
@@ -139,7 +122,7 @@ def test_a_dead_broker_keeps_the_socket_and_the_next_turn_works(
     assert client.close_code is None and not client.closed.is_set()
 
     if services_mode:  # and once the broker is back (with a worker), speech works again
-        redis_process = start_redis(port)
+        redis_process = live.start_redis(port)
         started.callback(lambda: (redis_process.terminate(), redis_process.wait(10)))
         started.callback(start_worker({**live_env, "CELERY_BROKER_URL": broker}).stop)
         assert "all year" in spoken_final(client, pcm)["text"].lower()
