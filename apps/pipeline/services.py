@@ -258,11 +258,12 @@ async def reply_claim(*, user_message_id) -> bool:
     return await audio_store().aflag_add(f"reply-for:{user_message_id}", 3600)
 
 
-async def reply_stop(*, conversation_id) -> None:
+async def reply_stop(*, conversation_id, issued_at: float | None = None) -> None:
     """Stop whatever reply of the conversation runs now, wherever it runs: the
-    one stop mechanism. The socket that runs it cancels it (which stores what
+    one stop mechanism. The process that runs it cancels it (which stores what
     was said, marked interrupted); every socket drops that reply's pending audio."""
-    stop = event("reply.stop", conversation_id=str(conversation_id), issued_at=time.time())
+    issued_at = time.time() if issued_at is None else issued_at
+    stop = event("reply.stop", conversation_id=str(conversation_id), issued_at=issued_at)
     await apublish(conversation_id, stop)
 
 

@@ -99,15 +99,18 @@ class ReplyRunner:
                 group = group_name(reply.conversation_id)
                 await self.layer.group_discard(group, self.channel)
 
+    def stop(self, conversation_id: str, issued_at: float) -> None:
+        """Cancel this process's replies of the conversation started before `issued_at`."""
+        for reply in self.running.get(conversation_id, []):
+            if reply.started_at <= issued_at and reply.task is not None:
+                reply.task.cancel()
+
     async def listen(self) -> None:
         layer = self.layer
         while True:
             message = await layer.receive(self.channel)
-            if message.get("type") != "reply.stop":
-                continue
-            for reply in self.running.get(message.get("conversation_id", ""), []):
-                if reply.started_at <= message["issued_at"] and reply.task is not None:
-                    reply.task.cancel()
+            if message.get("type") == "reply.stop":
+                self.stop(message.get("conversation_id", ""), message["issued_at"])
 
 
 _runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -160,7 +163,12 @@ class ReplyController:
         self.spawn(later())
 
     async def stop_everywhere(self) -> None:
-        await reply_stop(conversation_id=self.conversation_id)
+        """Stop the conversation's reply: at once when this process runs it (a stop
+        through the channel layer took longer than a short reply under load), and in
+        every other process through the group."""
+        issued_at = time.time()
+        reply_runner().stop(self.conversation_id, issued_at)
+        await reply_stop(conversation_id=self.conversation_id, issued_at=issued_at)
 
     async def stopped(self, issued_at: float) -> None:
         """`reply.stop` reached this socket (the runner cancels the reply itself)."""

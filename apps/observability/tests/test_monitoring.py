@@ -272,6 +272,19 @@ def test_every_query_names_a_metric_parley_exports():
             assert name in exported, f"{name!r} in {expr!r} is exported by no Parley process"
 
 
+def test_the_catalogue_documents_every_parley_metric():
+    # every parley_ series a process can expose has its row in docs/observability.md
+    catalogue = (Path(__file__).resolve().parents[3] / "docs" / "observability.md").read_text()
+    rows = set(re.findall(r"^\| `(parley_\w+)` \|", catalogue, re.MULTILINE))
+    parley = {name for name in exported_names() if name.startswith("parley_")}
+    # prometheus_client lists a counter under its name with and without _total, and a
+    # histogram under its _bucket/_count/_sum/_created series: one row each
+    documented = {name for name in parley if name in rows or f"{name}_total" in rows}
+    series = {n for n in parley - documented if not re.search(r"_(bucket|count|sum|created)$", n)}
+    assert series == set(), f"metrics missing from the catalogue: {sorted(series)}"
+    assert rows <= parley | {f"{name}_total" for name in parley}, "a row for no metric"
+
+
 def metric_names(expr: str) -> set[str]:
     """The metric names in a PromQL expression: what is left of its identifiers once
     strings, selectors, ranges, label lists and function names are gone."""
