@@ -40,6 +40,7 @@ class RunningReply:
     state: ReplyState
     started_at: float
     task: asyncio.Task | None = field(default=None, repr=False)
+    stopped: bool = False  # cancelled once: a second cancel would cut its own clean-up
 
 
 class ReplyRunner:
@@ -102,7 +103,10 @@ class ReplyRunner:
     def stop(self, conversation_id: str, issued_at: float) -> None:
         """Cancel this process's replies of the conversation started before `issued_at`."""
         for reply in self.running.get(conversation_id, []):
-            if reply.started_at <= issued_at and reply.task is not None:
+            if reply.started_at <= issued_at and reply.task is not None and not reply.stopped:
+                # Once: the same stop also comes back through the group, and a second
+                # cancel during the first one's clean-up left the turn "streaming".
+                reply.stopped = True
                 reply.task.cancel()
 
     async def listen(self) -> None:
