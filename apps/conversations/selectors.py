@@ -225,26 +225,24 @@ def cost_by_conversation_for_user(*, user_id: int, size: int) -> list[Conversati
     return [ConversationCost(c, by_id.get(c.id, CostTotals())) for c in recent]
 
 
-def conversation_cost_usd() -> Coalesce:
-    """An annotation of conversations: the cost of their turns (a subquery per
-    row, on message_unique_seq: a list page costs no more queries)."""
+def _turns_cost_usd(owner: str) -> Coalesce:
+    """An annotation: the cost of the turns whose `owner` is the row (a subquery per
+    row, so a list page costs no more queries)."""
     total = (
-        Message.objects.filter(conversation_id=OuterRef("pk"))
+        Message.objects.filter(**{owner: OuterRef("pk")})
         .order_by()
-        .values("conversation_id")
+        .values(owner)
         .annotate(total=Sum("cost_usd", output_field=USD))
         .values("total")
     )
     return Coalesce(Subquery(total), Value(Decimal(0)), output_field=USD)
+
+
+def conversation_cost_usd() -> Coalesce:
+    """An annotation of conversations: the cost of their turns (on message_unique_seq)."""
+    return _turns_cost_usd("conversation_id")
 
 
 def user_cost_usd() -> Coalesce:
-    """An annotation of users: the cost of all their turns (a subquery per row)."""
-    total = (
-        Message.objects.filter(conversation__user_id=OuterRef("pk"))
-        .order_by()
-        .values("conversation__user_id")
-        .annotate(total=Sum("cost_usd", output_field=USD))
-        .values("total")
-    )
-    return Coalesce(Subquery(total), Value(Decimal(0)), output_field=USD)
+    """An annotation of users: the cost of all their turns."""
+    return _turns_cost_usd("conversation__user_id")
