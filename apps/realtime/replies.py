@@ -172,6 +172,7 @@ class ReplyController:
         every other process through the group."""
         issued_at = time.time()
         reply_runner().stop(self.conversation_id, issued_at)
+        await self.stopped(issued_at)  # this socket's audio too, without the round trip
         await reply_stop(conversation_id=self.conversation_id, issued_at=issued_at)
 
     async def stopped(self, issued_at: float) -> None:
