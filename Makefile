@@ -22,12 +22,15 @@ SERVICES_ENV := DATABASE_URL=postgres://postgres@127.0.0.1:$(PGBOUNCER_PORT)/par
 	PARLEY_TEST_MODE=services
 PYTEST := $(VENV)/bin/pytest
 PYTEST_ARGS ?=
+# `make test-deploy` (make test's third stage): the engine and base image, then deploy/tests.
+DOCKER_UP ?= bash scripts/docker.sh up
+DEPLOY_TESTS ?= deploy/tests
 # `make test` runs `make lint` first; TEST_LINT= skips it.
 TEST_LINT ?= yes
 # `make bench` runs each benchmark named in BENCH as `$(PY) -m benchmarks.<name>`, one after
 # the other, with BENCH_ARGS given to each: make bench BENCH="density stt" BENCH_ARGS=...
 # Each starts the stack it needs, prints a table and writes docs/benchmarks/<name>.json.
-BENCH ?= density frame stt latency database
+BENCH ?= density frame stt latency database llm
 BENCH_ARGS ?=
 # `make loadtest`: a bounded headless Locust run against a stack it starts (locustfiles/README.md).
 # LOADTEST_MIX weighs the user kinds; LOADTEST_ARGS go to Locust (e.g. --processes 2).
@@ -44,17 +47,18 @@ LOADTEST_ARGS ?=
 TEST_UNSET_VARS := DJANGO_ENV DATABASE_URL REDIS_URL \
 	CACHE_URL CHANNEL_LAYER_URL CELERY_BROKER_URL AUDIO_STORE_URL CELERY_RESULT_BACKEND \
 	LLM_KIND LLM_BASE_URL LLM_API_KEY LLM_MODEL LLM_TIMEOUT_S LLM_MAX_RETRIES LLM_DEADLINE_S \
-	LLM_HISTORY_TOKENS OPENAI_API_KEY OPENAI_BASE_URL OPENAI_STT_MODEL OPENAI_TTS_MODEL \
+	LLM_HISTORY_TOKENS LLM_LOCAL_URL LLM_LOCAL_PORT LLM_LOCAL_PROCESSES OPENAI_API_KEY OPENAI_BASE_URL OPENAI_STT_MODEL OPENAI_TTS_MODEL \
 	STT_KIND STT_MODEL STT_DEVICE STT_COMPUTE_TYPE TTS_KIND
 TEST_CLEAN_ENV := env $(foreach name,$(TEST_UNSET_VARS),-u $(name) -u $(name)_FILE) -u PARLEY_TEST_MODE
 EMBEDDED_RUN := $(TEST_CLEAN_ENV) $(PYTEST)
 SERVICES_RUN := $(TEST_CLEAN_ENV) $(SERVICES_ENV) $(PYTEST)
 
-.PHONY: help venv system-deps services run test test-embedded test-services lint bench loadtest screenshots clean
+.PHONY: help venv system-deps services run test test-embedded test-services test-deploy lint bench loadtest screenshots clean
 
 help:
 	@echo "make run          serve Parley at http://127.0.0.1:8000 (embedded defaults; reads .env)"
-	@echo "make test         the whole suite twice: embedded defaults, then Postgres+PgBouncer+Redis+Celery"
+	@echo "make test         the whole suite twice: embedded defaults, then Postgres+PgBouncer+Redis+Celery; then test-deploy"
+	@echo "make test-deploy  the image built and run in Docker, the deploy manifests checked"
 	@echo "make lint         ruff and mypy (make test runs it first)"
 	@echo "make services     start Postgres, Redis and PgBouncer (127.0.0.1:6432)"
 	@echo "make bench        the benchmarks named in BENCH (default: all: density frame stt latency database)"
@@ -65,9 +69,12 @@ help:
 venv: $(STAMP)
 
 # Reinstall only when a requirements file is newer than the stamp.
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-llm.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-llm.txt
+	rm -f $(VENV)/lib/python3*/site-packages/llama/_llama_cpp_cuda_* \
+		$(VENV)/lib/python3*/site-packages/llama/_llama_cpp_vulkan_*
 	@touch $@
 
 system-deps:
@@ -81,6 +88,12 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
 			$(SYSTEM_PACKAGES) >/dev/null; \
 	fi
+	@# kubectl (its kustomize renders deploy/k8s; deploy/tests): Kubernetes' own apt package
+	@# (pkgs.k8s.io); Debian's kubernetes-client is 1.20, too old for kustomize components.
+	@command -v kubectl >/dev/null 2>&1 || { \
+		$(SUDO) apt-get update -qq; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq kubectl >/dev/null || { \
+			echo "system-deps: no kubectl package: add the pkgs.k8s.io apt repository" >&2; exit 1; }; }
 
 services:
 	bash scripts/services.sh up
@@ -94,7 +107,7 @@ run: venv
 	$(PY) manage.py seed_demo | tee var/seed-demo.log; \
 	exec bash scripts/run.sh
 
-# Lint (unless TEST_LINT is empty), then both modes; each step runs even when one
+# Lint (unless TEST_LINT is empty), both modes, then test-deploy; each step runs even when one
 # before it failed, and the target fails if any did.
 test: venv system-deps services
 	@mkdir -p var
@@ -104,6 +117,8 @@ test: venv system-deps services
 	$(EMBEDDED_RUN) $(PYTEST_ARGS) || status=1; \
 	echo "=== services: Postgres via PgBouncer, Redis, real Celery worker ==="; \
 	$(SERVICES_RUN) $(PYTEST_ARGS) || status=1; \
+	echo "=== deploy: the image built and run (dockerd), the manifests validated ==="; \
+	$(MAKE) --no-print-directory test-deploy || status=1; \
 	exit $$status
 
 test-embedded: venv
@@ -113,6 +128,13 @@ test-embedded: venv
 test-services: venv system-deps services
 	@mkdir -p var
 	$(SERVICES_RUN) $(PYTEST_ARGS)
+
+# deploy/tests (not in pyproject's testpaths): the image built and run against the services
+# (scripts/docker.sh up starts dockerd and makes the base image), the manifests checked.
+test-deploy: venv system-deps services
+	@mkdir -p var
+	$(DOCKER_UP)
+	$(SERVICES_RUN) $(DEPLOY_TESTS) $(PYTEST_ARGS)
 
 # Each check runs even when one before it failed; the target fails if any did.
 # mypy loads config.settings (django-stubs), so it too starts from the embedded defaults.

@@ -13,6 +13,15 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost,::1"
+# The suite signs in hundreds of times from 127.0.0.1, and the fuzz test opens its sockets
+# as one user faster than their leases are let go, in this process and in the live servers
+# it starts; test_throttle.py and test_leases.py set the limits they test.
+for _name in ("AUTH_THROTTLE_LOGIN_PER_IP", "AUTH_THROTTLE_LOGIN_PER_USER",
+              "AUTH_THROTTLE_SIGNUP_PER_IP", "SOCKETS_PER_USER_MAX"):  # fmt: skip
+    os.environ.setdefault(_name, "1000000")
+# This process serves sockets in tests too, but is no web process of a deployment: it does
+# not sweep the shared Redis for dead ones (tests.live gives the live servers the default).
+os.environ["LIVE_SWEEP_S"] = "0"
 
 import urllib.parse  # noqa: E402
 
@@ -139,3 +148,26 @@ def pytest_runtest_makereport(item, call):
             if isinstance(server, live.LiveProcess):
                 what = name if server is value else f"{name}.worker"
                 report.sections.append((f"{what} log tail ({server.log_path})", server.log_tail()))
+
+
+@pytest.fixture(autouse=True)
+def generous_limits(settings):
+    """The limits above, for this process too (its settings may have been read before
+    this file set the environment); the tests of those limits set their own."""
+    for name in ("AUTH_THROTTLE_LOGIN_PER_IP", "AUTH_THROTTLE_LOGIN_PER_USER",
+                 "AUTH_THROTTLE_SIGNUP_PER_IP", "SOCKETS_PER_USER_MAX"):  # fmt: skip
+        setattr(settings, name, 1_000_000)
+
+
+@pytest.fixture(autouse=True)
+def fresh_channel_layer():
+    """Each test its own channel layer object. A layer lives as long as its process
+    and binds its receive state to the one loop that receives (channels_redis counts
+    the receivers and refuses a second loop); every test here runs on a loop of its
+    own, so a receive that a test's loop left pending would fail every later test's
+    sockets with "Two event loops are trying to receive() on one channel layer"
+    (18 consumer tests in one services run)."""
+    from channels.layers import channel_layers
+
+    yield
+    channel_layers.backends.clear()

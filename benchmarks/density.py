@@ -132,7 +132,7 @@ from apps.personas.models import Persona
 
 count, slug, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 persona = Persona.objects.get(slug=slug)
-names = [f"density{{i:05d}}" for i in range(count)]
+names = [f"density-{{slug}}-{{i:05d}}" for i in range(count)]  # one set per persona
 User.objects.bulk_create([User(username=name, password="!") for name in names])
 rows = []
 with transaction.atomic():

@@ -53,8 +53,9 @@ def _speech_frames(frame_bytes: int) -> list[bytes]:
 
 def stage_costs(frame_ms: int, repeat: int) -> dict[str, float]:
     from apps.pipeline.vad import Endpointer
+    from apps.realtime.limits import AudioRateLimiter
     from apps.realtime.live import LiveWriter, OpenAudio
-    from apps.realtime.protocol import AudioRateLimiter, check_audio_frame
+    from apps.realtime.protocol import check_audio_frame
 
     frame_bytes = frame_ms * 32
     speech = _speech_frames(frame_bytes)
@@ -62,7 +63,7 @@ def stage_costs(frame_ms: int, repeat: int) -> dict[str, float]:
     rate = AudioRateLimiter(factor=1e9, burst_ms=1e12)
     costs = {
         "frame checks": _per_call_us(lambda: check_audio_frame(speech[7]), repeat * 20),
-        "rate limit": _per_call_us(lambda: rate.allow(frame_ms), repeat * 20),
+        "rate limit": _per_call_us(lambda: rate.allow(frame_ms, 0.0), repeat * 20),
     }
     endpointer = Endpointer()
     frames = iter(speech * (repeat // len(speech) + 2))
@@ -97,7 +98,7 @@ async def _session_cost(frames: list[bytes], repeat: int) -> float:
         context, send_event=nothing, send_bytes=nothing, send_error=nothing, spawn=lambda c: None
     )
     session.resume.greeted = True
-    session.rate.burst_ms = session.rate._allowance = 1e12
+    session.limits.audio_ms.bucket.burst = session.limits.audio_ms.bucket.tokens = 1e12
     session.speech.started = nothing
     with (
         mock.patch("apps.realtime.speech.enqueue"),

@@ -157,6 +157,11 @@ def turn_times(client, after: int, started: float, marks, clip: str, timeout=60)
             turn["reply_audio_s"] = sum(
                 r.event["bytes"] / 2 / r.event["sample_rate"] for r in audio
             )
+            done = _first(later, "reply.done", reply_id=reply_id)
+            turn["server_final_to_first_token_ms"] = (
+                done.event.get("final_to_first_token_ms") if done else None
+            )
+            turn["final_to_first_token_ms"] = _ms(final.t, delta)
         turns.append(turn)
     return turns
 
@@ -240,15 +245,30 @@ def run(args, procs: list) -> dict:
     clips = sorted(english_clips())[: args.clips]
     levels_wanted = sorted(set(args.speakers))
     users = density.users_create(env, sum(levels_wanted) + (8 if args.spike else 0), "ada")
+    llm = None
+    if "local" in args.llm:  # the offline model: its own process, on the same two cores
+        llm = llm_start(env, procs)
+        # Ada stays on echo (the deployment default); Ada (local) asks the model
+        env.update(LLM_LOCAL_URL=f"http://127.0.0.1:{llm.port}/v1", LLM_KIND="echo")
+        local_users = density.users_create(env, sum(levels_wanted), local_persona())
     web = density.web_start("daphne", env, None, procs)
     density.web_wait(web)
     roles = ["stt", "tts"] if args.workers == "split" else ["all"]
     workers = {role: worker_start(role, env, None, procs) for role in roles}
     say(f"stack up: web {web.pid}, workers {', '.join(f'{r} {p.pid}' for r, p in workers.items())}")
     levels: dict[str, dict] = {}
-    for count in levels_wanted:
-        mine, users = users[:count], users[count:]
-        levels[str(count)] = level_run(count, mine, clips, web, workers)
+    if "echo" in args.llm:
+        for count in levels_wanted:
+            mine, users = users[:count], users[count:]
+            levels[str(count)] = level_run(count, mine, clips, web, workers)
+    if llm is not None:  # side by side: the same speakers and clips, replies from the model
+        for count in levels_wanted:
+            mine, local_users = local_users[:count], local_users[count:]
+            before = llm_counters(llm)
+            level = level_run(count, mine, clips, web, {**workers, "llm": llm})
+            after = llm_counters(llm)
+            made = {name: after[name] - before[name] for name in after}
+            levels[f"{count} llm local"] = level | {"llm": "local", "llm_counters": made}
     if args.spike and args.workers == "split":
         # The AI stages apart: STT on core 1, TTS (and the web process) on core 0; then
         # the same 4 speakers again while a burst of STT work floods the stt queue.
@@ -259,6 +279,61 @@ def run(args, procs: list) -> dict:
             levels[f"4 pinned, stt spike {spike}"] = level_run(4, mine, clips, web, workers, spike)
     wer = offline_wer(clips, levels)
     return report_of(args, levels, wer)
+
+
+def local_persona() -> str:
+    """Ada on the `local` kind (the offline model): its slug."""
+    from apps.personas.models import Persona
+
+    ada = Persona.objects.get(slug="ada")
+    Persona.objects.update_or_create(
+        slug="ada-local",
+        defaults={"name": "Ada (local)", "system_prompt": ada.system_prompt,
+                  "greeting": ada.greeting, "tts_kind": ada.tts_kind, "llm_kind": "local",
+                  "temperature": ada.temperature, "is_published": True},
+    )  # fmt: skip
+    return "ada-local"
+
+
+def llm_start(env: dict, procs: list) -> stack.Proc:
+    """`manage.py serve_llm` on a free port (.port), once it answers."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, str(ROOT / "manage.py"), "serve_llm", "--port", str(port)]
+    proc = stack.spawn(command, env, "latency-serve-llm")
+    procs.append(proc)
+    proc.port = port  # type: ignore[attr-defined]
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    stack.wait_until(answers, proc, "serve_llm", 60)
+    return proc
+
+
+def llm_counters(llm) -> dict[str, float]:
+    """The offline model's counters from its /metrics: completion tokens, seconds spent
+    generating (first token to last, queueing excluded), first-token seconds."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{llm.port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    wanted = {
+        "tokens": 'parley_local_llm_tokens_total{kind="completion"}',
+        "generating_s": "parley_local_llm_generating_seconds_total",
+        "first_token_s_sum": "parley_local_llm_first_token_seconds_sum",
+        "first_token_count": "parley_local_llm_first_token_seconds_count",
+    }
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line[:1] != "#")
+    return {name: float(values.get(metric, 0.0)) for name, metric in wanted.items()}
 
 
 def level_run(count: int, users, clips: list[str], web, workers: dict, spike: int = 0) -> dict:
@@ -304,7 +379,11 @@ def level_run(count: int, users, clips: list[str], web, workers: dict, spike: in
 
 
 def report_of(args, levels: dict, wer: dict) -> dict:
-    plain = {lv["speakers"]: lv for lv in levels.values() if "pinned" not in key_of(levels, lv)}
+    plain = {
+        lv["speakers"]: lv
+        for lv in levels.values()
+        if "pinned" not in key_of(levels, lv) and "llm" not in lv
+    } or {lv["speakers"]: lv for lv in levels.values()}
     top = plain[max(plain)]
     reply_audio = [t["reply_audio_s"] for lv in levels.values() for t in lv["turns"]]
     tts_cpu = sum(lv["worker_cpu_s"].get("tts", 0.0) for lv in levels.values())
@@ -339,6 +418,11 @@ def report_of(args, levels: dict, wer: dict) -> dict:
             3,
         ),
     }
+    local = {lv["speakers"]: lv for lv in levels.values() if lv.get("llm") == "local"}
+    if local:  # the offline model beside echo: what a real model costs on the same cores
+        report["summary"]["llm_local"] = {
+            str(n): local_versus_echo(lv, levels.get(str(n))) for n, lv in sorted(local.items())
+        }
     spiked = [lv for key, lv in levels.items() if "pinned" in key]
     if len(spiked) == 2:
         calm, flooded = (lv["stages"]["first_token_to_first_audio_ms"]["p50"] for lv in spiked)
@@ -358,6 +442,28 @@ def report_of(args, levels: dict, wer: dict) -> dict:
         }
     ]
     return report
+
+
+def local_versus_echo(local: dict, echo: dict | None) -> dict:
+    """At one speaker count: first token and first audio p50 (local, echo, ratio), the
+    model's CPU seconds a turn, and its tokens a second of CPU."""
+    out: dict = {}
+    for stage in ("speech_end_to_first_token_ms", "speech_end_to_first_audio_ms"):
+        mine = local["stages"][stage]["p50"]
+        theirs = echo["stages"][stage]["p50"] if echo else None
+        out[stage] = {"local_p50": mine, "echo_p50": theirs,
+                      "ratio": round(mine / theirs, 2) if mine and theirs else None}  # fmt: skip
+    turns = max(1, len(local["turns"]))
+    out["llm_cpu_s_per_turn"] = round(local["worker_cpu_s"].get("llm", 0.0) / turns, 3)
+    made = local.get("llm_counters", {})
+    if made.get("generating_s"):  # while STT and TTS ran beside it on the same cores
+        out["tokens_per_s"] = round(made["tokens"] / made["generating_s"], 1)
+        out["tokens_per_turn"] = round(made["tokens"] / turns, 1)
+    if made.get("first_token_count"):
+        out["server_first_token_ms"] = round(
+            1000 * made["first_token_s_sum"] / made["first_token_count"]
+        )
+    return out
 
 
 def key_of(levels: dict, level: dict) -> str:
@@ -413,6 +519,17 @@ def table(report: dict) -> str:
             f"first audio p50 {calm:.0f} ms before, {flooded:.0f} ms during; server speech "
             f"end → final p50 {finals}",
         ]
+    for n, cost in summary.get("llm_local", {}).items():
+        token, audio = cost["speech_end_to_first_token_ms"], cost["speech_end_to_first_audio_ms"]
+        lines += [
+            "",
+            f"offline model at {n} spk: speech end → first token p50 {token['local_p50']} ms "
+            f"(echo {token['echo_p50']}, ×{token['ratio']}); → first audio p50 "
+            f"{audio['local_p50']} ms (echo {audio['echo_p50']}, ×{audio['ratio']}); "
+            f"model CPU {cost['llm_cpu_s_per_turn']} s a turn, "
+            f"{cost.get('tokens_per_s')} tokens/s ({cost.get('tokens_per_turn')} a turn), "
+            f"its own first token {cost.get('server_first_token_ms')} ms (mean)",
+        ]
     lines += [
         "",
         f"reply audio {summary['reply_audio_seconds_per_turn']} s a turn; TTS "
@@ -432,6 +549,9 @@ def parse_args(argv):
     parser.add_argument("--stt-threads", type=int, default=2, help="CPU threads of the model")
     parser.add_argument("--spike", type=int, default=16,
                         help="STT streams of the spike phase (0: none)")  # fmt: skip
+    parser.add_argument("--llm", type=lambda s: s.split(","), default=["echo"],
+                        help="reply engines side by side: echo, local (the offline model) "
+                             "or echo,local")  # fmt: skip
     parser.add_argument("--out", default=str(OUT))
     return parser.parse_args(argv)
 

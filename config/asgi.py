@@ -1,6 +1,7 @@
 """HTTP and WebSockets, served by Daphne: `daphne config.asgi:application`."""
 
 import gc
+import ipaddress
 import os
 
 from django.core.asgi import get_asgi_application
@@ -42,10 +43,26 @@ if settings.LOOP_GUARD_MS:
 from apps.observability.collectors import loop_lag_watch, web_process_start  # noqa: E402
 from apps.observability.health import HealthProbes  # noqa: E402
 from apps.observability.logging import daphne_access_log_to_records  # noqa: E402
+from apps.pipeline.providers.registry import llm_warm_in_background  # noqa: E402
+from apps.realtime.sweeper import sweeper_start  # noqa: E402
 
 daphne_access_log_to_records()  # every line of the process goes through LOGGING
 
+from apps.realtime.drain import (  # noqa: E402
+    daphne_close_codes_allow_service_restart,
+    daphne_shutdown_closes_sockets,
+)
+
+daphne_close_codes_allow_service_restart()  # a draining process closes with 1012
+daphne_shutdown_closes_sockets()  # and so does one that is stopped (SIGTERM, Ctrl-C)
+
+from apps.realtime.daphne_limits import daphne_limits_install  # noqa: E402
+
+# Messages over WS_MESSAGE_MAX_BYTES close with 1009 at Daphne (not its 1 MiB default).
+daphne_limits_install(max_message_bytes=settings.WS_MESSAGE_MAX_BYTES)
+
 web_process_start()
+llm_warm_in_background()
 
 router = ProtocolTypeRouter(
     {
@@ -59,7 +76,41 @@ router = ProtocolTypeRouter(
 )
 
 
+def from_this_machine(scope) -> bool:
+    """Whether the peer (Daphne's TCP peer, never a header) is a loopback address."""
+    client = scope.get("client")
+    if not client:
+        return True  # a Unix socket
+    try:
+        address = ipaddress.ip_address(client[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+REMOTE_REFUSED = (
+    "This server runs with the public development SECRET_KEY, so it serves this machine "
+    "only. Set SECRET_KEY (and DJANGO_ENV=production) to serve other machines."
+)
+
+
+async def refuse_remote(scope, receive, send) -> None:
+    if scope["type"] == "http":
+        body = REMOTE_REFUSED.encode()
+        headers = [(b"content-type", b"text/plain; charset=utf-8")]
+        await send({"type": "http.response.start", "status": 403, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+    elif scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        await send({"type": "websocket.close", "code": 4403, "reason": "loopback only"})
+
+
 async def application(scope, receive, send):
-    """The router; the first connection served starts the loop-lag timer on the loop."""
+    """The router. The first connection served (a probe, at the latest) starts the
+    loop-lag timer and the sweeper of dead web processes on the loop."""
     loop_lag_watch()
+    sweeper_start()
+    if settings.LOOPBACK_ONLY and not from_this_machine(scope):
+        return await refuse_remote(scope, receive, send)
     return await router(scope, receive, send)

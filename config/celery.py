@@ -12,18 +12,43 @@ from celery.signals import celeryd_init, worker_init, worker_process_init
 from kombu import Queue
 
 from apps.observability.logging import celery_output_to_json, celery_signals_connect
+from apps.pipeline.broker_patch import kombu_redis_close_survives_a_lost_broker
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-app = Celery("parley")
+# Every task counts its starts and is dead-lettered after TASK_MAX_STARTS (redelivery.py).
+app = Celery("parley", task_cls="apps.pipeline.redelivery:DeadLetteringTask")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.conf.task_queues = [Queue(name) for name in ("default", "stt", "stt_partial", "tts")]
-# A worker reads its queues in the order given to -Q: with `-Q stt,tts,stt_partial`
-# a final transcript never waits behind a draft (partial) one. Partials are
-# best-effort: under load they wait, and the worker drops the stale ones.
-app.conf.broker_transport_options = {"queue_order_strategy": "priority"}
+
+
+def broker_transport_options() -> dict:
+    """kombu's Redis transport options, added to any given in the settings:
+    - a worker reads its queues in the order given to -Q: with `-Q stt,tts,stt_partial`
+      a final transcript never waits behind a draft (partial) one. Partials are
+      best-effort: under load they wait, and the worker drops the stale ones;
+    - a dead worker's unacknowledged task goes back to its queue once
+      CELERY_VISIBILITY_TIMEOUT_S have passed since its delivery, looked for every
+      CELERY_RESTORE_INTERVAL_S by every worker (kombu's default: 1 hour, looked
+      for every 100 s, long after the utterance's audio has expired)."""
+    from django.conf import settings
+
+    return {
+        **(getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", None) or {}),
+        "queue_order_strategy": "priority",
+        "visibility_timeout": settings.CELERY_VISIBILITY_TIMEOUT_S,
+        "unacked_restore_interval": settings.CELERY_RESTORE_INTERVAL_S,
+        "unacked_restore_throttle": 1,  # scan on every interval, not every 10th
+        # A worker that died while it restored holds the restore lock this long (not 5 min).
+        "unacked_mutex_expire": min(300, settings.CELERY_VISIBILITY_TIMEOUT_S),
+    }
+
+
+app.conf.broker_transport_options = broker_transport_options()
 app.autodiscover_tasks()
+# kombu's Redis channel crashed the worker on a broker restart (broker_patch.py).
+kombu_redis_close_survives_a_lost_broker()
 # Each task runs under the request/conversation/user ids its message carries, and
 # its start and end are logged (apps/observability/logging.py).
 celery_signals_connect()

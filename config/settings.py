@@ -42,6 +42,8 @@ def env_list(name: str, default: str = "") -> list[str]:
 
 
 ENV = env_str("DJANGO_ENV", "development")
+if ENV not in ("development", "production"):  # a typo must not mean development
+    raise ImproperlyConfigured(f"DJANGO_ENV={ENV!r}: use development or production")
 PRODUCTION = ENV == "production"
 
 
@@ -55,7 +57,11 @@ def required(name: str, fallback: str) -> str:
     return fallback
 
 
-SECRET_KEY = required("SECRET_KEY", "dev-only-insecure-key-change-me")
+INSECURE_SECRET_KEY = "dev-only-insecure-key-change-me"
+SECRET_KEY = required("SECRET_KEY", INSECURE_SECRET_KEY)
+# With the public fallback key anyone can forge a session, so such a server answers
+# this machine's own clients only, whatever address it listens on (config/asgi.py).
+LOOPBACK_ONLY = SECRET_KEY == INSECURE_SECRET_KEY
 DEBUG = env_bool("DEBUG", default=not PRODUCTION)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS") or (
     [] if PRODUCTION else ["localhost", "127.0.0.1", "[::1]", "testserver"]
@@ -99,11 +105,19 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "apps.accounts.throttle.auth_throttle_middleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "csp.middleware.CSPMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
+
+# Sign-in throttling (apps/accounts/throttle.py): POSTs to the login, admin login and
+# sign-up forms per client address, and logins per username, within the window.
+AUTH_THROTTLE_WINDOW_S = env_int("AUTH_THROTTLE_WINDOW_S", 600)
+AUTH_THROTTLE_LOGIN_PER_IP = env_int("AUTH_THROTTLE_LOGIN_PER_IP", 30)
+AUTH_THROTTLE_LOGIN_PER_USER = env_int("AUTH_THROTTLE_LOGIN_PER_USER", 10)
+AUTH_THROTTLE_SIGNUP_PER_IP = env_int("AUTH_THROTTLE_SIGNUP_PER_IP", 5)
 
 ROOT_URLCONF = "config.urls"
 ASGI_APPLICATION = "config.asgi.application"
@@ -148,7 +162,13 @@ if DATABASE_URL:
         )
     }
     DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
-    DATABASES["default"]["OPTIONS"] = {"prepare_threshold": None}
+    # A database that is down costs a request DATABASE_CONNECT_TIMEOUT_S, then a 503
+    # (apps.observability.views.server_error), never a hung worker thread. Statements
+    # are bounded by PgBouncer (query_timeout, query_wait_timeout: deploy/pgbouncer).
+    DATABASES["default"]["OPTIONS"] = {
+        "prepare_threshold": None,
+        "connect_timeout": env_int("DATABASE_CONNECT_TIMEOUT_S", 2),
+    }
     DATABASES["default"]["TEST"] = {"NAME": env_str("DATABASE_TEST_NAME") or None}
 else:
     DATABASES = {
@@ -214,11 +234,13 @@ else:
 if CHANNEL_LAYER_URL:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            # redis-py 8 times reads out after 5 s by default, exactly the
-            # layer's blocking-pop timeout: idle sockets would crash. Give reads room.
+            # channels_redis that rides out a Redis restart or freeze (apps/realtime/layer.py):
+            # blocking reads of 1 s under a 2 s socket timeout, so nothing waits longer.
+            "BACKEND": "apps.realtime.layer.ChannelLayer",
             "CONFIG": {
-                "hosts": [{"address": CHANNEL_LAYER_URL, "socket_timeout": 30}],
+                "hosts": [
+                    {"address": CHANNEL_LAYER_URL, "socket_timeout": 2, "socket_connect_timeout": 2}
+                ],
                 "capacity": 1000,
                 "expiry": 30,
             },
@@ -237,7 +259,29 @@ CELERY_TASK_ROUTES = {
     "apps.pipeline.tasks.transcribe_window_task": {"queue": "stt"},
     "apps.pipeline.tasks.synthesize_sentence_task": {"queue": "tts"},
 }
-CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 120)
+# Redelivery (docs/reliability.md, "Workers"). A task is acknowledged after it ran, so a
+# worker that dies mid-task leaves it unacknowledged in the broker; kombu's Redis transport
+# gives it to another worker CELERY_VISIBILITY_TIMEOUT_S after its delivery (checked every
+# CELERY_RESTORE_INTERVAL_S). It must come back well before the utterance's audio expires
+# in the audio store (apps.pipeline.audio_store.TTL_SECONDS, 600 s), and no task may run
+# longer than it (a slow task would be handed out a second time): time limits below it.
+# (Celery enforces time limits in prefork pools only; our workers run threads, so they
+# bound a task through its own timeouts, and a redelivered task is safe to run twice.)
+CELERY_VISIBILITY_TIMEOUT_S = env_int("CELERY_VISIBILITY_TIMEOUT_S", 60)
+CELERY_RESTORE_INTERVAL_S = env_int("CELERY_RESTORE_INTERVAL_S", 5)
+CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 45)
+CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 30)
+if not CELERY_TASK_SOFT_TIME_LIMIT < CELERY_TASK_TIME_LIMIT < CELERY_VISIBILITY_TIMEOUT_S < 600:
+    raise ImproperlyConfigured(
+        "need CELERY_TASK_SOFT_TIME_LIMIT < CELERY_TASK_TIME_LIMIT < CELERY_VISIBILITY_TIMEOUT_S"
+        f" < 600 s (the audio's TTL); got {CELERY_TASK_SOFT_TIME_LIMIT}, "
+        f"{CELERY_TASK_TIME_LIMIT}, {CELERY_VISIBILITY_TIMEOUT_S}"
+    )
+# A task started this many times without finishing (each start killed its worker) is moved
+# to the broker's `dead_letter` list instead of running again (apps/pipeline/redelivery.py).
+TASK_MAX_STARTS = env_int("TASK_MAX_STARTS", 3)
+# A database error while a task stores its result: retried after 1, 2, 4 s (at most 3 times).
+TASK_DATABASE_RETRIES = env_int("TASK_DATABASE_RETRIES", 3)
 CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND") or (
     redis_db(REDIS_URL, 5) if REDIS_URL else None
 )
@@ -292,12 +336,32 @@ VAD_MIN_SPEECH_MS = env_int("VAD_MIN_SPEECH_MS", 200)
 
 LLM_BASE_URL = env_str("LLM_BASE_URL")
 LLM_API_KEY = env_str("LLM_API_KEY") or env_str("OPENAI_API_KEY")
-LLM_KIND = env_str("LLM_KIND") or ("openai" if (LLM_BASE_URL or LLM_API_KEY) else "echo")
+# The offline reply model, SmolLM2-135M-Instruct (`manage.py serve_llm`, one more AI stage:
+# apps/pipeline/llm_server.py): `make run` starts it when no LLM_BASE_URL is set and sets
+# LLM_LOCAL_URL, and the `local` kind talks to it as the `openai` kind talks to vLLM.
+# Without either, replies come from the `echo` stand-in (tests, and a bare runserver).
+LLM_LOCAL_URL = env_str("LLM_LOCAL_URL")
+LLM_LOCAL_PORT = env_int("LLM_LOCAL_PORT", 8088)
+LLM_LOCAL_PROCESSES = env_int("LLM_LOCAL_PROCESSES", 1)  # replies made at once, ~200 MB each
+# Threads per process: 1. llama.cpp's threads wait for each other by spinning, so two on
+# cores that STT and TTS also use made 21 tokens/s at 59 ms of CPU each, one 45 at 22 ms
+# (docs/benchmarks.md, offline reply model); more replies at once are more processes.
+LLM_LOCAL_THREADS = env_int("LLM_LOCAL_THREADS", 1)
+LLM_LOCAL_MAX_TOKENS = env_int("LLM_LOCAL_MAX_TOKENS", 60)
+LLM_LOCAL_TEMPERATURE = env_float("LLM_LOCAL_TEMPERATURE", 0.2)  # at most; above, sums go wrong
+LLM_KIND = env_str("LLM_KIND") or (
+    "openai" if (LLM_BASE_URL or LLM_API_KEY) else "local" if LLM_LOCAL_URL else "echo"
+)
 LLM_MODEL = env_str("LLM_MODEL", "gpt-4o-mini")
 LLM_TIMEOUT_S = env_float("LLM_TIMEOUT_S", 20.0)  # one attempt
 LLM_MAX_RETRIES = env_int("LLM_MAX_RETRIES", 2)
 LLM_DEADLINE_S = env_float("LLM_DEADLINE_S", 60.0)  # the whole reply
 LLM_HISTORY_TOKENS = env_int("LLM_HISTORY_TOKENS", 3000)
+# Circuit breaker per process and endpoint of the OpenAI-compatible LLM, STT and TTS
+# engines (apps/pipeline/providers/breaker.py): open after this many failed calls in a
+# row (0: never), failing fast for the cooldown, then one trial call.
+LLM_BREAKER_FAILURES = env_int("LLM_BREAKER_FAILURES", 5)
+LLM_BREAKER_COOLDOWN_S = env_float("LLM_BREAKER_COOLDOWN_S", 30.0)
 
 TTS_KIND = env_str("TTS_KIND", "piper")
 OPENAI_STT_MODEL = env_str("OPENAI_STT_MODEL", "gpt-4o-mini-transcribe")
@@ -309,6 +373,16 @@ OPENAI_BASE_URL = env_str("OPENAI_BASE_URL") or LLM_BASE_URL
 # an STT job needs it), with the owner's heartbeat every LIVE_HEARTBEAT_S.
 AUDIO_FLUSH_MS = env_int("AUDIO_FLUSH_MS", 200)
 LIVE_HEARTBEAT_S = env_float("LIVE_HEARTBEAT_S", 2.0)
+# Every web process looks this often for dead ones (heartbeat gone on two looks) and
+# finishes what they left: open utterances, streaming replies (apps/realtime/sweeper.py).
+LIVE_SWEEP_S = env_float("LIVE_SWEEP_S", 3.0)
+# Past this many final/candidate windows waiting in the `stt` queue, new conversation
+# sockets are refused with 1013 (apps/realtime/admission.py); 0 turns it off. A window
+# takes about 0.15 s of a CPU worker: 300 is about a minute of one worker's work.
+STT_BACKLOG_REFUSE = env_int("STT_BACKLOG_REFUSE", 300)
+# Conversation sockets one user may hold open at once, on every web process together
+# (apps/realtime/leases.py); one more is refused with 4409. 0: unlimited.
+SOCKETS_PER_USER_MAX = env_int("SOCKETS_PER_USER_MAX", 5)
 # An ended utterance's audio stays in the process (besides Redis) until its final
 # is known, or this long after it is all stored.
 LIVE_AUDIO_KEEP_S = env_float("LIVE_AUDIO_KEEP_S", 10.0)
@@ -345,7 +419,28 @@ AUDIO_RATE_BURST_S = env_float("AUDIO_RATE_BURST_S", 5.0)  # a network stall, ca
 AUDIO_RATE_FACTOR = env_float("AUDIO_RATE_FACTOR", 1.5)  # x real time, sustained
 WS_TEXT_MAX_BYTES = env_int("WS_TEXT_MAX_BYTES", 16_384)
 TEXT_MESSAGE_MAX_CHARS = env_int("TEXT_MESSAGE_MAX_CHARS", 4000)
-WS_HELD_EVENTS_MAX = env_int("WS_HELD_EVENTS_MAX", 500)  # group events held until hello
+WS_HELD_EVENTS_MAX = env_int("WS_HELD_EVENTS_MAX", 500)  # group events held during a replay
+# Hostile input (apps/realtime/limits.py): any message over this many bytes closes the
+# socket with 1009, at Daphne (autobahn's payload limits, set in config/asgi.py: Daphne's
+# own default is 1 MiB) and in the consumer.
+WS_MESSAGE_MAX_BYTES = env_int("WS_MESSAGE_MAX_BYTES", 32_768)
+if WS_MESSAGE_MAX_BYTES < max(WS_TEXT_MAX_BYTES, AUDIO_FRAME_MAX_BYTES):
+    raise ImproperlyConfigured("WS_MESSAGE_MAX_BYTES must hold a text or an audio frame")
+WS_AUDIO_FRAMES_PER_S = env_float("WS_AUDIO_FRAMES_PER_S", 100.0)  # messages, any size
+WS_AUDIO_FRAMES_BURST = env_int("WS_AUDIO_FRAMES_BURST", 250)  # 5 s of 20 ms frames
+WS_CONTROL_PER_S = env_float("WS_CONTROL_PER_S", 10.0)  # text messages of any type
+WS_CONTROL_BURST = env_int("WS_CONTROL_BURST", 30)
+WS_HELLO_EVERY_S = env_float("WS_HELLO_EVERY_S", 1.0)  # each hello reads the replay
+# Messages dropped by the rate limits: past this many (less WS_FLOOD_FORGIVE_PER_S a
+# second), the socket is closed with 4429.
+WS_FLOOD_CLOSE_DROPS = env_int("WS_FLOOD_CLOSE_DROPS", 500)
+WS_FLOOD_FORGIVE_PER_S = env_float("WS_FLOOD_FORGIVE_PER_S", 10.0)
+# Closed with 4408: no hello this long after connecting; nothing sent this long (the
+# page pings every 25 s); a socket older than this (Daphne's own cap is 24 h).
+WS_HELLO_TIMEOUT_S = env_float("WS_HELLO_TIMEOUT_S", 10.0)
+WS_IDLE_TIMEOUT_S = env_float("WS_IDLE_TIMEOUT_S", 300.0)
+WS_SESSION_MAX_S = env_float("WS_SESSION_MAX_S", 4 * 3600.0)
+WS_REPLAY_MAX_TURNS = env_int("WS_REPLAY_MAX_TURNS", 200)  # a hello replays the newest ones
 
 # Default quotas for new users (0 means unlimited)
 QUOTA_AUDIO_SECONDS = env_int("QUOTA_AUDIO_SECONDS", 3600)
@@ -382,7 +477,12 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 
-SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Behind a TLS-terminating proxy (the Ingress), X-Forwarded-Proto says the scheme. From
+# anyone else it is a lie a client can tell ("this is https"), so it is trusted only where
+# the deployment says a proxy sets it and nothing else reaches the pods (deploy/k8s does).
+TRUST_PROXY_HEADERS = env_bool("TRUST_PROXY_HEADERS", False)
+if TRUST_PROXY_HEADERS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 if PRODUCTION:
     SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
     SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
@@ -419,8 +519,17 @@ READINESS_TIMEOUT_S = env_float("READINESS_TIMEOUT_S", 1.0)
 # While this file exists the process drains: /readyz answers 503 "draining" (the
 # pod's preStop hook touches it; docs/observability.md). Empty: no drain file.
 READINESS_DRAIN_FILE = env_str("READINESS_DRAIN_FILE", "")
+# ...and closes its conversation sockets with 1012, evenly over this many seconds
+# (apps/realtime/drain.py). The pod's terminationGracePeriodSeconds must exceed it.
+DRAIN_CLOSE_S = env_float("DRAIN_CLOSE_S", 30.0)
+# SIGTERM or Ctrl-C (apps/realtime/drain.py): sockets still open close with 1012 over
+# SHUTDOWN_CLOSE_S, then up to SHUTDOWN_WAIT_S for their disconnects to keep what was said.
+SHUTDOWN_CLOSE_S = env_float("SHUTDOWN_CLOSE_S", 2.0)
+SHUTDOWN_WAIT_S = env_float("SHUTDOWN_WAIT_S", 10.0)
 if READINESS_CACHE_S < 0 or READINESS_TIMEOUT_S <= 0:
     raise ImproperlyConfigured("READINESS_CACHE_S must be >= 0 and READINESS_TIMEOUT_S > 0")
+if not 0 <= DRAIN_CLOSE_S <= 3600:
+    raise ImproperlyConfigured(f"DRAIN_CLOSE_S must be between 0 and 3600 s, not {DRAIN_CLOSE_S}")
 
 # --- Logging: JSON lines with request and conversation ids -----------------
 # What this process is, set by whoever starts it (scripts/run.sh, config.worker,

@@ -8,3 +8,6 @@ urlpatterns = [
     path("", include("apps.observability.urls")),
     path("", include("apps.personas.urls")),
 ]
+
+# An uncaught error: a database that is down is a 503 with Retry-After, anything else a 500.
+handler500 = "apps.observability.views.server_error"

@@ -114,6 +114,7 @@ def subprocess_env(test_database_name: str, extra: Mapping[str, str] | None = No
     )
     env.setdefault("METRICS_TOKEN", METRICS_TOKEN)  # live servers' /metrics (metrics_get)
     env.pop("PYTEST_CURRENT_TEST", None)
+    env.pop("LIVE_SWEEP_S", None)  # the test process's own 0 (conftest.py): servers sweep
     if env.get("DATABASE_URL"):
         url = urllib.parse.urlsplit(env["DATABASE_URL"])
         env["DATABASE_URL"] = urllib.parse.urlunsplit(url._replace(path=f"/{test_database_name}"))
@@ -218,6 +219,14 @@ def metrics_get(url: str, token: str = METRICS_TOKEN) -> str:
     return body.decode()
 
 
+def answers(url: str) -> bool:
+    """`url` answers 200 now (a server's health or readiness probe)."""
+    try:
+        return http_get(url, timeout_s=2)[0] == 200
+    except OSError:
+        return False
+
+
 def http_get(
     url: str, timeout_s: float = 10.0, headers: Mapping[str, str] | None = None
 ) -> tuple[int, dict, bytes]:
@@ -233,13 +242,17 @@ def http_get(
 # --- Servers of a test's own (fault tests stop and start them) ------------------------
 
 
-def start_redis(port: int) -> subprocess.Popen:
-    """A Redis server of the caller's own on 127.0.0.1:`port` (nothing saved); stop it by pid."""
+def start_redis(port: int, persist_dir: Path | None = None) -> subprocess.Popen:
+    """A Redis server of the caller's own on 127.0.0.1:`port` (nothing saved, or, with
+    `persist_dir`, every write in its append-only file there, as a production Redis
+    keeps its queues across a restart); stop it by pid."""
+    persistence = ["--appendonly", "no"]
+    if persist_dir is not None:
+        persistence = ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(persist_dir)]
     process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no"],
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence],
         stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
@@ -327,14 +340,34 @@ def start_daphne(env: dict, timeout_s: float = 90.0) -> LiveDaphne:
     proc = _spawn(command, env, f"daphne-{port}.log")
     server = LiveDaphne(process=proc.process, log_path=proc.log_path, log_file=proc.log_file)
     server.port = port
+    wait_until(lambda: answers(f"{server.url}/healthz"), server, f"Daphne on port {port}",
+               timeout_s)  # fmt: skip
+    return server
 
-    def healthy() -> bool:
-        try:
-            return http_get(f"{server.url}/healthz", timeout_s=2)[0] == 200
-        except OSError:
-            return False
 
-    wait_until(healthy, server, f"Daphne on port {port}", timeout_s)
+# --- The offline reply model ------------------------------------------------------
+
+
+@dataclass
+class LiveLLM(LiveProcess):
+    port: int = 0
+
+    @property
+    def base_url(self) -> str:
+        """What LLM_LOCAL_URL (or an openai client's base_url) is set to."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+def start_llm(env: dict, *args: str, timeout_s: float = 60.0) -> LiveLLM:
+    """Start `manage.py serve_llm` (the offline model's OpenAI-compatible endpoint) on
+    a free port and wait for its /healthz."""
+    port = free_port()
+    command = _command(str(ROOT / "manage.py"), "serve_llm", "--port", str(port), *args)
+    proc = _spawn(command, env, f"serve-llm-{port}.log")
+    server = LiveLLM(process=proc.process, log_path=proc.log_path, log_file=proc.log_file)
+    server.port = port
+    wait_until(lambda: answers(f"http://127.0.0.1:{port}/healthz"), server,
+               f"serve_llm on port {port}", timeout_s)  # fmt: skip
     return server
 
 
@@ -351,10 +384,13 @@ class LiveWorker(LiveProcess):
         return f"http://127.0.0.1:{self.metrics_port}"
 
 
-def start_worker(env: dict, timeout_s: float = 90.0, role: str = "all") -> LiveWorker:
+def start_worker(
+    env: dict, timeout_s: float = 90.0, role: str = "all", app_module: str = "config"
+) -> LiveWorker:
     """Start a Celery worker of a role (config.celery.worker_arguments; `all` takes
-    every queue) and wait until it answers a ping (through the broker `env` names
-    in CELERY_BROKER_URL, if it names another one)."""
+    every queue) of the Celery app in `app_module` (`celery -A`), and wait until it
+    answers a ping (through the broker `env` names in CELERY_BROKER_URL, if it names
+    another one)."""
     from config.celery import app, worker_arguments
 
     broker_url = env.get("CELERY_BROKER_URL") or None
@@ -364,7 +400,7 @@ def start_worker(env: dict, timeout_s: float = 90.0, role: str = "all") -> LiveW
     metrics_port = int(env.get("WORKER_METRICS_PORT") or 0) or free_port()
     env = {**env, "WORKER_METRICS_PORT": str(metrics_port), "WORKER_METRICS_HOST": "127.0.0.1"}
     command = _command(
-        "celery", "-A", "config", "worker", *worker_arguments(role), "-n", nodename,
+        "celery", "-A", app_module, "worker", *worker_arguments(role), "-n", nodename,
         "--without-gossip", "--without-mingle", "--loglevel", "INFO",
     )  # fmt: skip
     env = {**env, "PARLEY_ROLE": f"worker-{role}"}

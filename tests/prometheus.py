@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.live import LiveProcess, _spawn, free_port, http_get, wait_until
+from tests.live import LiveProcess, _spawn, answers, free_port, http_get, wait_until
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 
@@ -124,14 +124,8 @@ def prometheus_started(
     proc = _spawn(command, {"PATH": "/usr/bin:/bin"}, f"prometheus-{port}.log")
     server = LivePrometheus(process=proc.process, log_path=proc.log_path, log_file=proc.log_file)
     server.port = port
-
-    def ready() -> bool:
-        try:
-            return http_get(f"{server.url}/-/ready", timeout_s=2)[0] == 200
-        except OSError:
-            return False
-
-    wait_until(ready, server, f"Prometheus on port {port}", timeout_s)
+    wait_until(lambda: answers(f"{server.url}/-/ready"), server, f"Prometheus on port {port}",
+               timeout_s)  # fmt: skip
     try:
         yield server
     finally:

@@ -52,6 +52,8 @@ def test_make_test_runs_both_modes_without_the_shells_settings():
             "test",
             "PYTEST=env",
             "TEST_LINT=",
+            "DOCKER_UP=true",
+            "DEPLOY_TESTS=",
         ],
         cwd=ROOT,
         env=env,
@@ -62,9 +64,9 @@ def test_make_test_runs_both_modes_without_the_shells_settings():
 
     # then each run got the environment it is meant to have, and nothing from the shell
     assert result.returncode == 0, result.stderr
-    _, embedded, services = result.stdout.split("=== ")
+    _, embedded, services, deploy = result.stdout.split("=== ")
     runs = {}
-    for name, dump in (("embedded", embedded), ("services", services)):
+    for name, dump in (("embedded", embedded), ("services", services), ("deploy", deploy)):
         lines = dump.splitlines()[1:]  # after the "=== <mode> ===" heading
         runs[name] = dict(line.split("=", 1) for line in lines if "=" in line)
     for name, run in runs.items():
@@ -75,5 +77,10 @@ def test_make_test_runs_both_modes_without_the_shells_settings():
     assert runs["services"]["REDIS_URL"] == "redis://127.0.0.1:6379/0"
     assert runs["services"]["DATABASE_URL"].startswith("postgres://postgres@127.0.0.1:")
     assert runs["services"]["PARLEY_TEST_MODE"] == "services"
+    assert {
+        k: runs["deploy"].get(k) for k in ("REDIS_URL", "DATABASE_URL", "PARLEY_TEST_MODE")
+    } == {
+        k: runs["services"][k] for k in ("REDIS_URL", "DATABASE_URL", "PARLEY_TEST_MODE")
+    }  # the image test (make test-deploy) runs in services mode too
     # and the rest of the shell's environment is kept (PATH, HOME, ...)
     assert runs["embedded"]["PATH"] == os.environ["PATH"]

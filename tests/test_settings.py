@@ -44,6 +44,7 @@ print(json.dumps({
     "secret_key": s.SECRET_KEY,
     "debug": s.DEBUG,
     "allowed_hosts": s.ALLOWED_HOSTS,
+    "proxy_ssl_header": s.SECURE_PROXY_SSL_HEADER,
 }))
 """
 
@@ -110,7 +111,7 @@ def test_database_and_redis_urls_switch_to_services():
     assert s["conn_max_age"] == 60  # client connections to PgBouncer are kept; it pools
     # and Redis for everything else, one logical database each
     assert s["cache_backend"] == "django_redis.cache.RedisCache"
-    assert s["layer_backend"] == "channels_redis.core.RedisChannelLayer"
+    assert s["layer_backend"] == "apps.realtime.layer.ChannelLayer"
     assert s["session_engine"] == "django.contrib.sessions.backends.cached_db"
     urls = {
         "cache": s["cache_location"],
@@ -122,6 +123,18 @@ def test_database_and_redis_urls_switch_to_services():
     assert all(url.startswith("redis://redis.internal:6379/") for url in urls.values()), urls
     numbers = {name: redis_db_number(url) for name, url in urls.items()}
     assert numbers == {"cache": 1, "layer": 2, "broker": 3, "audio": 4, "results": 5}
+
+
+@pytest.mark.parametrize(
+    ("env", "header"),
+    [
+        ({}, None),
+        ({"DJANGO_ENV": "production", "SECRET_KEY": "x" * 60, "ALLOWED_HOSTS": "p.example"}, None),
+        ({"TRUST_PROXY_HEADERS": "true"}, ["HTTP_X_FORWARDED_PROTO", "https"]),
+    ],
+)
+def test_proxy_headers_are_trusted_only_when_the_deployment_says_so(env, header):
+    assert load_settings(**env)["proxy_ssl_header"] == header
 
 
 def test_database_test_name_is_configurable():
@@ -147,6 +160,34 @@ def test_production_refuses_to_start_without_required_values(env, missing):
     assert missing in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("value", ["prod", "staging", "Production"])
+def test_an_unknown_django_env_refuses_to_start_rather_than_mean_development(value):
+    result = run_python(DUMP, DJANGO_ENV=value)
+    assert result.returncode != 0
+    assert f"DJANGO_ENV={value!r}: use development or production" in result.stderr
+
+
+ROUTES = (
+    "import django; django.setup(); from apps.realtime.routing import websocket_urlpatterns as u;"
+    " print(sorted(str(p.pattern) for p in u))"
+)
+
+
+@pytest.mark.parametrize(
+    ("env", "echo_routed"),
+    [
+        ({}, True),
+        ({"DJANGO_ENV": "production", "SECRET_KEY": "x" * 60, "ALLOWED_HOSTS": "p.example"}, False),
+    ],
+)
+def test_the_unauthenticated_echo_socket_is_not_routed_in_production(env, echo_routed):
+    result = run_python(ROUTES, **env)
+    assert result.returncode == 0, result.stderr
+    routes = result.stdout.strip()
+    assert "ws/conversations/<uuid:conversation_id>/" in routes
+    assert ("ws/echo/" in routes) is echo_routed
+
+
 @pytest.mark.parametrize(
     ("env", "named"),
     [
@@ -154,6 +195,9 @@ def test_production_refuses_to_start_without_required_values(env, missing):
         ({"PARLEY_ROLE": "Web Pod"}, "PARLEY_ROLE='Web Pod'"),
         ({"READINESS_TIMEOUT_S": "0"}, "READINESS_TIMEOUT_S > 0"),
         ({"READINESS_CACHE_S": "-1"}, "READINESS_CACHE_S must be >= 0"),
+        # a task may not outlive its visibility timeout, nor that the audio's TTL
+        ({"CELERY_TASK_TIME_LIMIT": "90"}, "got 30, 90, 60"),
+        ({"CELERY_VISIBILITY_TIMEOUT_S": "900"}, "got 30, 45, 900"),
     ],
 )
 def test_malformed_logging_and_probe_settings_refuse_to_start(env, named):

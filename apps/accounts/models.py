@@ -19,6 +19,31 @@ class User(AbstractUser):
     audio_seconds_used = models.FloatField(default=0)
     tokens_used = models.PositiveIntegerField(default=0)
 
+    _loaded_auth: tuple[str | None, bool | None] | None = None  # as loaded (from_db)
+
+    @classmethod
+    def from_db(cls, db, field_names, values, **kwargs):
+        user = super().from_db(db, field_names, values, **kwargs)
+        user._loaded_auth = (user.__dict__.get("password"), user.__dict__.get("is_active"))
+        return user
+
+    def save(self, *args, **kwargs):
+        """A password change or a deactivation of a stored user ends its live sockets,
+        on every path that saves it (the password forms, the admin, `changepassword`).
+        Compared with what was loaded: a user made here (a factory, a sign-up) has none."""
+        loaded = self._loaded_auth
+        super().save(*args, **kwargs)
+        if loaded is None:
+            return
+        password_changed = loaded[0] is not None and self.password != loaded[0]
+        deactivated = loaded[1] is True and not self.is_active
+        self._loaded_auth = (self.password, self.is_active)
+        if password_changed or deactivated:
+            from .services import user_sockets_end
+
+            reason = "deactivated" if deactivated else "password_changed"
+            user_sockets_end(user_id=self.pk, reason=reason)
+
     def quota_problem(self) -> str:
         """Why this user may not talk now, or an empty string."""
         if self.audio_seconds_quota and self.audio_seconds_used >= self.audio_seconds_quota:

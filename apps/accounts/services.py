@@ -1,4 +1,10 @@
+from functools import partial
+
+from django.db import transaction
 from django.db.models import F, Subquery
+
+from apps.realtime.broadcast import group_publish
+from apps.realtime.events import event, user_group_name
 
 from .models import User
 
@@ -32,3 +38,12 @@ def session_key_create(*, user: User) -> str:
     session_key = store.session_key
     assert session_key is not None  # save() assigns one
     return session_key
+
+
+def user_sockets_end(*, user_id: int, reason: str, session_key: str = "") -> None:
+    """After the transaction commits, close the user's live sockets on every web
+    process with 4401: those of `session_key` only (a logout), or all of them (a
+    password change, a deactivation). A socket otherwise keeps the user it
+    authenticated with when it opened, for as long as it stays open."""
+    message = event("session.ended", reason=reason, session_key=session_key)
+    transaction.on_commit(partial(group_publish, user_group_name(user_id), message), robust=True)

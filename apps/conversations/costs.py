@@ -12,7 +12,7 @@ A kind with no price costs 0 (a turn never fails over pricing), and
 `prices_missing` names the engines the registry knows that are not priced.
 
 The defaults are assumptions, written down in docs/observability.md:
-- local engines (echo, faster_whisper, piper, espeak) cost 0 here: they run on
+- local engines (echo, local, faster_whisper, piper, espeak) cost 0 here: they run on
   machines Parley pays for by the hour whatever the traffic, so their cost is
   the capacity plan's (apps/observability/capacity.py), not a per-turn figure;
   price them here (e.g. CPU-seconds × your hourly rate) to see it per turn;
@@ -44,6 +44,7 @@ DEFAULT_PRICES: dict[str, dict[str, dict[str, float]]] = {
     },
     "llm": {
         "echo": {"in_per_1m": 0, "out_per_1m": 0},
+        "local": {"in_per_1m": 0, "out_per_1m": 0},  # the offline model (serve_llm)
         "openai": {"in_per_1m": 0.15, "out_per_1m": 0.60},
     },
     "tts": {

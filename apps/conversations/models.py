@@ -76,6 +76,9 @@ class Message(models.Model):
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     provider = models.CharField(max_length=64, blank=True, help_text="Engine that made it.")
+    # Why a reply ended failed or interrupted by its engine (a ProviderError code,
+    # e.g. llm_timeout); empty for a complete reply and for one the user stopped.
+    error_code = models.CharField(max_length=32, blank=True)
     # What the turn's work was and cost (apps/conversations/costs.py): the utterance's
     # audio seconds on a voice turn, the seconds of speech synthesised on a reply (added
     # by each TTS part as it is made), and the price of all of it, in US dollars.
@@ -96,6 +99,15 @@ class Message(models.Model):
         ordering = ["conversation_id", "seq"]
         constraints = [
             models.UniqueConstraint(fields=["conversation", "seq"], name="message_unique_seq"),
+        ]
+        indexes = [
+            # The few replies streaming now: the sweeper's backstop (apps/realtime/sweeper.py)
+            # reads the stale ones without scanning every message.
+            models.Index(
+                fields=["created_at"],
+                condition=models.Q(status="streaming"),
+                name="message_streaming",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -27,23 +27,29 @@ def conversation_for_socket(
     return found, ""
 
 
-def turns_for_resume(*, conversation_id: UUID, seq: int) -> tuple[list[Message], Message | None]:
+def turns_for_resume(
+    *, conversation_id: UUID, seq: int, limit: int | None = None
+) -> tuple[list[Message], Message | None]:
     """The stored turns after `seq` that a socket should see again (no reply
     still streaming), in order, and the conversation's last turn (streaming or
-    not). One query, which reads from `seq` itself on (so that it also finds the
-    last turn when nothing came after it); a second only when `seq` is past the
-    last turn, or there is none."""
-    rows = list(
+    not). With a `limit`, only the newest `limit` turns after `seq` are read
+    (a hello on a long conversation reads a bounded page). One query, which
+    reads from `seq` itself on (so that it also finds the last turn when nothing
+    came after it); a second only when `seq` is past the last turn, or there is
+    none."""
+    query = (
         Message.objects.filter(conversation_id=conversation_id, seq__gte=seq)
         .select_related("segment")
-        .order_by("seq")
+        .order_by("-seq")
     )
+    rows = list(query if limit is None else query[: limit + 1])
     last = (
-        rows[-1]
+        rows[0]
         if rows
         else (Message.objects.filter(conversation_id=conversation_id).order_by("-seq").first())
     )
-    replay = [m for m in rows if m.seq > seq and m.status != Message.Status.STREAMING]
+    newer = [m for m in rows if m.seq > seq][:limit]
+    replay = [m for m in reversed(newer) if m.status != Message.Status.STREAMING]
     return replay, last
 
 

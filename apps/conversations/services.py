@@ -295,6 +295,7 @@ def reply_finish(
         "completion_tokens": completion_tokens,
         "final_to_first_token_ms": final_to_first_token_ms,
         "reply_total_ms": reply_total_ms,
+        "error_code": error_code,
         "updated_at": timezone.now(),
     }
     if first_token_to_first_audio_ms is not None:

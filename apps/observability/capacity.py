@@ -15,7 +15,7 @@ LLM answers and the TTS stage speaks. A benchmark core is taken to be a node cor
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,26 @@ PGBOUNCER_MEMORY_MB = 100
 REDIS_BASE_MEMORY_MB = 256
 
 
-def _option(default: float, help_: str) -> Any:
+def option(default: float, help_: str) -> Any:
+    """A field a command offers as `--name-with-dashes` (`options_add`)."""
     return field(default=default, metadata={"help": help_})
+
+
+def options_add(parser: Any, *shapes: Any) -> None:
+    """Each field of the dataclasses `shapes` as a command-line option, with its help."""
+    for shape in shapes:
+        for spec in fields(shape):
+            parser.add_argument(
+                f"--{spec.name.replace('_', '-')}",
+                type=type(spec.default),
+                default=spec.default,
+                help=f"{spec.metadata['help']} (default {spec.default})",
+            )
+
+
+def options_of(shape: Any, given: dict) -> Any:
+    """An instance of the dataclass `shape` from a command's parsed options."""
+    return shape(**{spec.name: given[spec.name] for spec in fields(shape)})
 
 
 @dataclass(frozen=True)
@@ -34,38 +52,38 @@ class Options:
     """Prices, node shapes, and the few figures that no benchmark measures. The
     command offers each as `--name-with-dashes`; `help` says why the default."""
 
-    cpu_node_price: float = _option(
+    cpu_node_price: float = option(
         0.768, "$ an hour for a CPU node (default: AWS m6i.4xlarge on demand, us-east-1)"
     )
-    gpu_node_price: float = _option(
+    gpu_node_price: float = option(
         1.006, "$ an hour for a GPU node (default: AWS g5.xlarge, one A10G, on demand)"
     )
-    node_cores: int = _option(16, "cores of a CPU node")
-    node_memory_gb: float = _option(64.0, "memory of a CPU node, GB")
-    gpus_per_node: int = _option(1, "GPUs of a GPU node")
-    node_usable: float = _option(
+    node_cores: int = option(16, "cores of a CPU node")
+    node_memory_gb: float = option(64.0, "memory of a CPU node, GB")
+    gpus_per_node: int = option(1, "GPUs of a GPU node")
+    node_usable: float = option(
         0.8, "share of a node's cores and memory given to pods (the rest: system, headroom)"
     )
-    worker_utilisation: float = _option(
+    worker_utilisation: float = option(
         0.7,
         "STT and TTS workers run at this share of their measured throughput, so that "
         "bursts wait briefly in the queue (waits grow without bound near 1)",
     )
-    gpu_speedup: float = _option(
+    gpu_speedup: float = option(
         30.0,
         "ASSUMED, used with --gpu when stt.json has no GPU figure: one GPU's STT "
         "throughput as a multiple of one CPU core's",
     )
-    p99_ms: float = _option(50.0, "ping p99 a web pod must hold (the density target)")
-    stt_worker_memory_mb: float = _option(1024.0, "ASSUMED: memory of one STT worker")
-    tts_worker_memory_mb: float = _option(512.0, "ASSUMED: memory of one TTS worker")
-    redis_core_share: float = _option(
+    p99_ms: float = option(50.0, "ping p99 a web pod must hold (the density target)")
+    stt_worker_memory_mb: float = option(1024.0, "ASSUMED: memory of one STT worker")
+    tts_worker_memory_mb: float = option(512.0, "ASSUMED: memory of one TTS worker")
+    redis_core_share: float = option(
         0.5, "keep each (single-threaded) Redis below this share of its core"
     )
-    pgbouncer_qps: float = _option(
+    pgbouncer_qps: float = option(
         10_000.0, "ASSUMED: queries a second one (single-threaded) PgBouncer carries"
     )
-    utterance_buffer_kb: float = _option(
+    utterance_buffer_kb: float = option(
         640.0,
         "Redis memory an open utterance holds at most: VAD_MAX_UTTERANCE_MS 20 s of "
         "16 kHz PCM16 (32 KB/s)",

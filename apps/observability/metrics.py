@@ -62,6 +62,10 @@ PROTOCOL_ERRORS = Counter(
     ["code"],
 )
 SOCKET_CLOSES = Counter("parley_socket_closes", "Sockets closed, by close code.", ["code"])
+CHANNEL_LAYER_LOSSES = Counter(
+    "parley_channel_layer_losses",
+    "Times the channel layer's Redis stopped answering reads (apps/realtime/layer.py).",
+)
 LOOP_LAG = Histogram(
     "parley_event_loop_lag_seconds",
     "How late a periodic timer on the event loop fires: the loop's responsiveness.",
@@ -117,6 +121,12 @@ PROVIDER_RETRIES = Counter(
     "Requests an engine's client retried, by stage and engine kind.",
     ["stage", "engine"],
 )
+PROVIDER_CIRCUIT = Gauge(
+    "parley_provider_circuit_state",
+    "Circuit breaker of an engine's endpoint in this process (apps/pipeline/providers/"
+    "breaker.py): 0 closed, 1 half-open (one trial call), 2 open (calls fail fast).",
+    ["stage", "engine"],
+)
 COST = Counter(
     "parley_cost_usd",
     "What the turns cost in US dollars, priced by settings (COST_PRICES), by stage and engine.",
@@ -146,6 +156,12 @@ TASK_SECONDS = Histogram(
     "Time a worker spent running each task, by queue and outcome (ok, error).",
     ["queue", "outcome"],
     buckets=TASK_BUCKETS,
+)
+TASKS_DEAD_LETTERED = Counter(
+    "parley_tasks_dead_lettered",
+    "Tasks moved to the broker's dead_letter list after TASK_MAX_STARTS starts that did "
+    "not finish (apps/pipeline/redelivery.py), by queue and task name.",
+    ["queue", "task"],
 )
 
 # --- Database pool (web processes, PGBOUNCER_STATS_URL; collectors.py) ----------------
@@ -218,6 +234,13 @@ def provider_error(*, stage: str, engine: str, code: str) -> None:
     PROVIDER_ERRORS.labels(stage, engine, code).inc()
 
 
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def circuit_state(*, stage: str, engine: str, state: str) -> None:
+    PROVIDER_CIRCUIT.labels(stage, engine).set(CIRCUIT_STATES[state])
+
+
 def tts_synthesized(*, engine: str, pcm_bytes: int, sample_rate: int) -> None:
     """One piece of speech (PCM16 mono) made by a TTS engine."""
     if pcm_bytes and sample_rate:
@@ -231,9 +254,18 @@ def cost_add(*, stage: str, engine: str, usd: float | Decimal) -> None:
     COST.labels(stage, engine or "unknown").inc(float(usd))
 
 
+def task_dead_lettered(*, queue: str, task: str) -> None:
+    TASKS_DEAD_LETTERED.labels(queue or "unknown", task).inc()
+
+
 def process_role(role: str) -> None:
     """This process is a Parley process of `role` (web, or the worker's role)."""
     PROCESS.labels(role).set(1)
+
+
+def provider_retried(*, stage: str, engine: str) -> None:
+    """An engine retried a call itself (the LLM engine: before the first token)."""
+    PROVIDER_RETRIES.labels(stage, engine).inc()
 
 
 def retry_hook(stage: str, engine: str):
@@ -246,13 +278,3 @@ def retry_hook(stage: str, engine: str):
             retries.inc()
 
     return hook
-
-
-def async_retry_hook(stage: str, engine: str):
-    """retry_hook for an async httpx client."""
-    hook = retry_hook(stage, engine)
-
-    async def async_hook(request) -> None:
-        hook(request)
-
-    return async_hook

@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 import redis
 import redis.asyncio as aredis
 from django.conf import settings
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry
 
 TTL_SECONDS = 600
 WRITE_CHUNK = 64  # commands in one pipeline of a live-state write
@@ -135,7 +139,11 @@ class MemoryAudioStore:
 class RedisAudioStore:
     def __init__(self, url: str) -> None:
         self._url = url
-        self._sync = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+        self._sync = redis.Redis.from_url(
+            url, socket_timeout=5, socket_connect_timeout=2,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+            retry_on_error=[RedisConnectionError],
+        )  # fmt: skip
         # An async pool belongs to the event loop it was made on: one per loop,
         # forgotten with the loop (keyed by the loop itself, not its reusable id).
         self._async: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -150,6 +158,9 @@ class RedisAudioStore:
                 timeout=settings.REDIS_POOL_TIMEOUT_S,
                 socket_timeout=2,
                 socket_connect_timeout=2,
+                # a connection a Redis restart broke reconnects once, at once
+                retry=AsyncRetry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+                retry_on_error=[RedisConnectionError],
             )
             client = self._async[loop] = aredis.Redis(connection_pool=pool)
         return client
@@ -216,6 +227,51 @@ class RedisAudioStore:
 
     async def aflag_get(self, key: str) -> bool:
         return bool(await self._client().exists(key))
+
+    # --- live state of other processes (apps/realtime/sweeper.py) ----------------
+
+    def owners_silent(self) -> list[str]:
+        """Web processes in `live:owners` whose heartbeat has expired."""
+        owners = sorted(_text(o) for o in self._sync.smembers("live:owners"))
+        if not owners:
+            return []
+        with self._sync.pipeline(transaction=False) as pipe:
+            for owner in owners:
+                pipe.exists(f"live:owner:{owner}")
+            alive = pipe.execute()
+        return [owner for owner, up in zip(owners, alive, strict=True) if not up]
+
+    def owned_records(self, owner: str) -> dict[str, dict[str, str]]:
+        keys = sorted(_text(k) for k in self._sync.smembers(f"live:owned:{owner}"))
+        with self._sync.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+            records = pipe.execute()
+        return {
+            key: {_text(k): _text(v) for k, v in record.items()}
+            for key, record in zip(keys, records, strict=True)
+        }
+
+    def length(self, key: str) -> int:
+        return int(self._sync.strlen(key))
+
+    def flag_add(self, key: str, ttl: int) -> bool:
+        return bool(self._sync.set(key, 1, ex=ttl, nx=True))
+
+    def owner_forget(self, owner: str) -> None:
+        """A dead owner's records are dealt with: drop them and it."""
+        owned = f"live:owned:{owner}"
+        keys = list(self._sync.smembers(owned))
+        with self._sync.pipeline(transaction=False) as pipe:
+            if keys:
+                pipe.delete(*keys)
+            pipe.delete(owned)
+            pipe.srem("live:owners", owner)
+            pipe.execute()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 @functools.cache

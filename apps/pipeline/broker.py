@@ -70,7 +70,7 @@ def task_message(
         "group": None,
         "group_index": None,
         "retries": 0,
-        "timelimit": [settings.CELERY_TASK_TIME_LIMIT, None],
+        "timelimit": [settings.CELERY_TASK_TIME_LIMIT, settings.CELERY_TASK_SOFT_TIME_LIMIT],
         "root_id": task_id,
         "parent_id": None,
         "argsrepr": "()",

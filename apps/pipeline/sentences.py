@@ -28,6 +28,7 @@ Why these thresholds (Piper `joe` speaks about 15 characters, 2.5 words, a secon
   nothing; neither does a comma inside a number ("3,000"): no space follows it."""
 
 import re
+from collections.abc import AsyncIterator
 
 MIN_CHARS = 12  # "Hi." alone makes a poor TTS request; join it to what follows
 FIRST_CLAUSE_MIN_CHARS = 20
@@ -37,6 +38,7 @@ LONG_SENTENCE_CHARS = 150
 MAX_PART_CHARS = 250
 
 _GAP = re.compile(r"\s+")
+_GAPS = re.compile(r"(\s+)")  # words and the whitespace between them
 _CLOSERS = "\"')]}”’»"
 _SENTENCE_END = ".!?…"
 _CLAUSE_END = ",;:"
@@ -121,3 +123,37 @@ class SentenceSplitter:
         if len(part) >= self.max_part_chars:
             return True
         return _ends_clause(word) and len(part) >= self.long_sentence_chars
+
+
+async def sentences_at_most(deltas: AsyncIterator[str], count: int) -> AsyncIterator[str]:
+    """`deltas` as they come, up to the end of the `count`-th sentence: the rest is
+    never read, and `deltas` is closed (a stream from an endpoint then ends there).
+    A sentence ends where `SentenceSplitter` would end one: at a word ending in
+    `.` `!` `?` or `…` (not an abbreviation) once the whitespace after it arrives,
+    or at the end of the text."""
+    ended = 0
+    word = ""  # the text since the last whitespace, held back until we know where it ends
+    try:
+        async for delta in deltas:
+            out = ""
+            for part in _GAPS.split(delta):
+                if not part:
+                    continue
+                if not part.isspace():
+                    word += part
+                    continue
+                if word and _ends_sentence(word):
+                    ended += 1
+                    if ended >= count:
+                        yield out + word
+                        return
+                out += word + part
+                word = ""
+            if out:
+                yield out
+        if word:
+            yield word
+    finally:
+        close = getattr(deltas, "aclose", None)
+        if close is not None:
+            await close()

@@ -35,6 +35,7 @@ from .providers.base import (
     ReplyUsage,
     SpeechChunk,
     Transcript,
+    usage_or_estimate,
 )
 from .providers.registry import llm_get, tts_get
 from .sentences import SentenceSplitter
@@ -106,6 +107,38 @@ def transcribe_window(*, window: UtteranceWindow) -> None:
         audio_store().delete(key)
 
 
+def transcribe_window_abandon(*, window: UtteranceWindow) -> None:
+    """The window will not be transcribed (its task was dead-lettered or failed for
+    good, apps/pipeline/redelivery.py): as for a failed transcription, the client
+    hears `stt_unavailable`; a candidate comes back failed (the socket asks for
+    the final afresh), and a final ends as `transcript.empty` unless it was stored."""
+    conversation_id, utterance_id = window.conversation_id, window.utterance_id
+    if window.purpose == "partial":
+        return
+    if window.purpose == "candidate":
+        publish(
+            conversation_id,
+            event("transcript.candidate", utterance_id=utterance_id, end_byte=window.end_byte,
+                  text="", confidence=None, provider=window.stt_kind or settings.STT_KIND,
+                  failed=True),
+        )  # fmt: skip
+        return
+    try:
+        stored = TranscriptSegment.objects.filter(
+            conversation_id=conversation_id, utterance_id=utterance_id
+        ).exists()
+    except Exception:  # the database is what failed: the final is not stored
+        stored = False
+    if stored:
+        return
+    publish(
+        conversation_id,
+        event("error", code="stt_unavailable",
+              message="Speech recognition failed for that utterance."),
+    )  # fmt: skip
+    publish(conversation_id, event("transcript.empty", utterance_id=utterance_id))
+
+
 def draft_is_stale(utterance_id: str) -> bool:
     """The utterance ended and its final is on its way: a draft now only delays it."""
     return audio_store().flag_get(final_requested_key(utterance_id))
@@ -136,6 +169,7 @@ def _transcribe(provider: str, key: str, window: UtteranceWindow) -> tuple[Trans
     except Skipped:
         return Transcript(""), audio_bytes
     except ProviderError as exc:
+        log.warning("speech-to-text failed (%s): %s", exc.code, exc.detail)
         metrics.provider_error(stage="stt", engine=provider, code=exc.code)
         publish(conversation_id, event("error", code=exc.code, message=exc.message))
     except Exception:
@@ -192,6 +226,9 @@ def synthesize_sentence(*, sentence: SentenceToSpeak) -> None:
     to the reply once all its audio is out, would be counted twice)."""
     conversation_id, reply_id = sentence.conversation_id, sentence.reply_id
     engine = sentence.tts_kind or settings.TTS_KIND
+    spoken = _part_spoken_key(reply_id, sentence.index)
+    if audio_store().flag_get(spoken):
+        return  # a redelivery of a part that was spoken and counted
     spoken_s = 0.0
     for chunk, (piece, failed) in enumerate(_speech_pieces(sentence, engine)):
         key = f"{reply_audio_key(reply_id, sentence.index)}:{chunk}"
@@ -219,6 +256,27 @@ def synthesize_sentence(*, sentence: SentenceToSpeak) -> None:
     if spoken_s:
         # after the audio is out: one UPDATE of the reply per part with speech
         reply_speech_add(reply_id=reply_id, tts_kind=engine, audio_seconds=spoken_s)
+    audio_store().flag_set(spoken, REPLY_AUDIO_TTL_SECONDS)
+
+
+def _part_spoken_key(reply_id: str, index: int) -> str:
+    """Set once a part's audio is out and counted: a redelivered task skips it."""
+    return f"tts-spoken:{reply_id}:{index}"
+
+
+def synthesize_sentence_abandon(*, sentence: SentenceToSpeak) -> None:
+    """The part will not be spoken (its task was dead-lettered or failed for good):
+    as for a failed synthesis, `tts_unavailable`, and the part ends with an empty
+    last piece, so the later parts still play."""
+    conversation_id = sentence.conversation_id
+    failed = event("error", code="tts_unavailable", message="Speech synthesis failed.")
+    publish(conversation_id, failed)
+    publish(
+        conversation_id,
+        event("reply.audio", reply_id=sentence.reply_id, index=sentence.index, chunk=0,
+              last=True, sample_rate=16_000, audio_key="", bytes=0,
+              engine=sentence.tts_kind or settings.TTS_KIND, error="tts_unavailable"),
+    )  # fmt: skip
 
 
 def _speech_pieces(sentence: SentenceToSpeak, engine: str) -> Iterator[tuple[SpeechChunk, str]]:
@@ -240,6 +298,7 @@ def _speech_pieces(sentence: SentenceToSpeak, engine: str) -> Iterator[tuple[Spe
                 break  # stopped between two pieces
     except ProviderError as exc:
         failed = exc.code
+        log.warning("text-to-speech failed (%s): %s", exc.code, exc.detail)
         metrics.provider_error(stage="tts", engine=engine, code=failed)
         publish(sentence.conversation_id, event("error", code=exc.code, message=exc.message))
     except Exception:
@@ -319,6 +378,9 @@ class ReplyState:
     # First token → first audio, when the audio came before the end: stored with the reply.
     first_audio_ms: int | None = None
     done: bool = False
+    # Set with the task's cancel by a stop: the reply ends at its next token even if
+    # the cancel was lost on the way (seen: a reply stopped mid-stream ran to the end).
+    stopped: bool = False
 
 
 async def reply_run(
@@ -381,6 +443,8 @@ async def reply_run(
         stream = llm_get(plan.engines.llm).stream_reply(plan.request)
         usage = stream.usage
         async for delta in stream.deltas:
+            if state.stopped:
+                raise asyncio.CancelledError
             if state.first_token_at is None:
                 state.first_token_at = time.time()
             state.text += delta
@@ -390,7 +454,10 @@ async def reply_run(
     except asyncio.CancelledError:
         status = Message.Status.INTERRUPTED
     except ProviderError as exc:
-        status, error_code = Message.Status.FAILED, exc.code
+        # Cut short after some text: stored as interrupted, with what was said and why.
+        status = Message.Status.INTERRUPTED if state.text else Message.Status.FAILED
+        error_code = exc.code
+        log.warning("reply failed (%s): %s", exc.code, exc.detail)
         metrics.provider_error(stage="llm", engine=plan.engines.llm, code=error_code)
         await apublish(conversation_id, event("error", code=exc.code, message=exc.message))
     except Exception:
@@ -407,13 +474,14 @@ async def reply_run(
         await asyncio.shield(
             _reply_store(plan, state, status, error_code, usage, first_ms, final_at)
         )
-    if status == Message.Status.INTERRUPTED:
+    if status == Message.Status.INTERRUPTED and not error_code:
         raise asyncio.CancelledError
 
 
 async def _reply_store(plan, state, status, error_code, usage, first_ms, final_at) -> None:
-    if status == Message.Status.INTERRUPTED and state.sentences:
-        try:
+    usage = usage_or_estimate(usage, request=plan.request, text=state.text)
+    if status == Message.Status.INTERRUPTED and state.sentences and not error_code:
+        try:  # stopped (a reply cut short by its LLM still says its finished sentences)
             await reply_audio_skip(reply_id=state.reply_id)
         except Exception:
             log.warning("could not mark reply %s's audio skipped", state.reply_id)

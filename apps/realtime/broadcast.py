@@ -55,6 +55,10 @@ def publisher_start() -> asyncio.AbstractEventLoop:
 def publish(conversation_id, message: dict) -> None:
     """Send from sync code; returns once the layer took the event, so one
     caller's events keep their order."""
+    group_publish(group_name(conversation_id), message)
+
+
+def group_publish(group: str, message: dict) -> None:
     loop = home_loop() or publisher_start()
     try:
         running = asyncio.get_running_loop()
@@ -62,7 +66,7 @@ def publish(conversation_id, message: dict) -> None:
         running = None
     if running is loop:
         raise RuntimeError("publish() was called on the event loop: await apublish()")
-    send = get_channel_layer().group_send(group_name(conversation_id), message)
+    send = get_channel_layer().group_send(group, message)
     asyncio.run_coroutine_threadsafe(send, loop).result(timeout=PUBLISH_TIMEOUT_S)
 
 

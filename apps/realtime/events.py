@@ -34,6 +34,9 @@ GROUP_ONLY_EVENTS: dict[str, frozenset[str]] = {
     "transcript.candidate": frozenset(
         {"utterance_id", "end_byte", "text", "confidence", "provider"}
     ),
+    # On a user's group: the user logged out (only that session's sockets close),
+    # changed password or was deactivated (all close, with 4401).
+    "session.ended": frozenset({"reason", "session_key"}),
 }
 
 
@@ -49,3 +52,7 @@ def event(type_: str, **fields) -> dict:
 
 def group_name(conversation_id) -> str:
     return f"conversation.{conversation_id}"
+
+
+def user_group_name(user_id) -> str:
+    return f"user.{user_id}"

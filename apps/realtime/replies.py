@@ -106,7 +106,7 @@ class ReplyRunner:
             if reply.started_at <= issued_at and reply.task is not None and not reply.stopped:
                 # Once: the same stop also comes back through the group, and a second
                 # cancel during the first one's clean-up left the turn "streaming".
-                reply.stopped = True
+                reply.stopped = reply.state.stopped = True
                 reply.task.cancel()
 
     async def listen(self) -> None:

@@ -16,6 +16,7 @@ class ResumeGate:
         self.greeted = False
         self.held: list[dict] = []
         self.sent_seqs: set[int] = set()
+        self.last_seq = 0  # the newest stored turn this socket knows of (a resync's start)
 
     async def open(self, replayed: list[dict]) -> None:
         """Send the replay, then what was held while it was read."""
@@ -39,4 +40,5 @@ class ResumeGate:
             if seq in self.sent_seqs:
                 return
             self.sent_seqs.add(seq)
+            self.last_seq = max(self.last_seq, seq)
         await self.send(message)

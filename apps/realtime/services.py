@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from uuid import UUID
 
+from django.conf import settings
+
 from apps.conversations.models import Message
 from apps.conversations.selectors import conversation_for_socket, turns_for_resume
 from apps.conversations.services import replay_events
@@ -55,7 +57,11 @@ def socket_open(*, conversation_id: UUID, user) -> tuple[SocketContext | None, s
 
 
 def socket_resume(*, conversation_id: UUID, resume_from: int) -> Resume:
-    messages, last = turns_for_resume(conversation_id=conversation_id, seq=resume_from)
+    """At most WS_REPLAY_MAX_TURNS turns, the newest; older ones are on the
+    conversation's page (a repeated hello is also limited to one a second)."""
+    messages, last = turns_for_resume(
+        conversation_id=conversation_id, seq=resume_from, limit=settings.WS_REPLAY_MAX_TURNS
+    )
     unanswered = last if last is not None and last.role == Message.Role.USER else None
     return Resume(
         last_seq=max([resume_from, *(m.seq for m in messages)]),

@@ -21,8 +21,9 @@ from apps.pipeline.vad import BYTES_PER_MS
 
 from .audio_out import AudioSequencer
 from .events import PROTOCOL_VERSION, event
+from .limits import Limits, SocketLimits
 from .live import live_writer
-from .protocol import AudioRateLimiter, ProtocolError, check_audio_frame
+from .protocol import ProtocolError, check_audio_frame
 from .quota import QuotaGate
 from .replies import ReplyController
 from .resume import ResumeGate
@@ -66,9 +67,7 @@ class Session:
             started=self.replies.stop_everywhere,  # barge-in
             finalized=self.replies.answer,  # a final made here: its reply starts at once
         )
-        self.rate = AudioRateLimiter(
-            factor=settings.AUDIO_RATE_FACTOR, burst_ms=settings.AUDIO_RATE_BURST_S * 1000
-        )
+        self.limits = SocketLimits(Limits.from_settings(), now=asyncio.get_running_loop().time())
         metrics.streaming_track(self)
 
     async def close(self) -> None:
@@ -81,14 +80,13 @@ class Session:
 
     # --- from the client -------------------------------------------------------
 
-    async def frame(self, data: bytes) -> None:
+    async def frame(self, data: bytes, now: float | None = None) -> None:
+        """One binary frame, counted already (limits.binary, in the consumer)."""
         if not self.resume.greeted:
             raise ProtocolError("hello_required", 'Send {"type": "hello"} before audio.')
         check_audio_frame(data)
-        if not self.rate.allow(len(data) / BYTES_PER_MS):
-            raise ProtocolError(
-                "rate_limited", "Audio is arriving faster than real time; frames were dropped."
-            )
+        now = asyncio.get_running_loop().time() if now is None else now
+        self.limits.audio(len(data) / BYTES_PER_MS, now)  # raises rate_limited
         self.last_audio_at = time.monotonic()
         await self.speech.frame(data)
 
@@ -109,10 +107,26 @@ class Session:
                        "max_frame_bytes": settings.AUDIO_FRAME_MAX_BYTES},
                 engines={"stt": engines.stt, "llm": engines.llm, "tts": engines.tts},
                 llm_is_offline_echo=engines.llm == "echo",
+                llm_is_offline_small=engines.llm == "local",
             )
         )  # fmt: skip
+        self.resume.last_seq = max(self.resume.last_seq, resume.last_seq)
         await self.resume.open(resume.events)
         if resume.unanswered_id is not None:  # its socket dropped before its final came
+            await self.replies.answer(resume.unanswered_id)
+
+    async def resync(self) -> None:
+        """The channel layer may have lost events (its Redis restarted, layer.py):
+        send what was stored after the newest turn this socket knows of, once each,
+        and answer a turn left without a reply."""
+        if not self.resume.greeted:
+            return  # its hello will read everything
+        resume = await database_sync_to_async(socket_resume)(
+            conversation_id=self.context.conversation_id, resume_from=self.resume.last_seq
+        )
+        for message in resume.events:
+            await self.resume.forward(message)
+        if resume.unanswered_id is not None:
             await self.replies.answer(resume.unanswered_id)
 
     async def text(self, text: str) -> None:

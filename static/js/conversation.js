@@ -19,11 +19,13 @@ const PREROLL_FRAMES = 2; // frames from before the press, sent with the first p
 const MAX_BUFFERED_BYTES = 256 * 1024;
 const MAX_ERRORS_SHOWN = 3;
 const MAX_LATENCY_ROWS = 10;
+const SERVICE_RESTART = 1012; // a draining server closes with it: reconnect, resume
 const FATAL_CLOSES = {
   4400: "This page speaks an older protocol than the server. Reload the page.",
   4401: "You are signed out. Log in again to keep talking.",
   4403: "This conversation belongs to another account.",
   4404: "This conversation does not exist (it may have been deleted).",
+  4409: "You have too many conversations open. Close another tab, then reload this page.",
 };
 const STATUS_LABEL = {
   connecting: "Connecting…",
@@ -39,6 +41,7 @@ const ui = {
   log: $("log"),
   errors: $("errors"),
   echoNote: $("echo-note"),
+  smallNote: $("small-note"),
   activity: $("activity"),
   talk: $("talk"),
   handsfree: $("handsfree"),
@@ -239,6 +242,7 @@ const handlers = {
     attempt = 0;
     everLive = true;
     ui.echoNote.hidden = !e.llm_is_offline_echo;
+    ui.smallNote.hidden = !e.llm_is_offline_small;
     clearErrors("connection");
     setStatus("live");
     send({ type: "ping", t: performance.now() }); // a first round-trip reading
@@ -354,6 +358,10 @@ function replyEnded(e, interrupted) {
       const li = makeMessage("assistant", e.text);
       li.dataset.replyId = id;
       if (interrupted) li.classList.add("interrupted");
+      // Stopped while its text streamed, but the text was complete by then: the
+      // stop's audio-only `reply.interrupted` may have come first and found no
+      // stored message to mark.
+      else if (stoppedReplies.has(id)) li.classList.add("cut");
       placeStored(li, e.seq);
     }
   }
@@ -453,6 +461,7 @@ function onClosed(code) {
     setStatus("offline");
     return;
   }
+  if (code === SERVICE_RESTART) attempt = 0; // the server drains: go elsewhere at once
   const base = RETRY_MS[Math.min(attempt, RETRY_MS.length - 1)];
   const delay = Math.round(base * (0.75 + Math.random() * 0.5));
   attempt += 1;

@@ -405,3 +405,25 @@ def test_a_refused_microphone_is_explained_and_typing_still_works(page):
     errors.get_by_role("button", name=re.compile("Dismiss")).click()
     expect(errors.locator(".error")).to_have_count(0)
     expect(errors).to_be_hidden()
+
+
+def test_the_offline_model_is_named_and_its_limits_said(page):
+    # given a persona answered by the offline model (the `local` kind)
+    from apps.conversations.context import persona_remember
+    from apps.personas.models import Persona
+
+    ada = Persona.objects.get(slug="ada")
+    ada.llm_kind = "local"
+    ada.save(update_fields=["llm_kind"])
+    persona_remember(persona=ada)  # running processes see it on the next socket
+    sign_up(page, "smallmodel")
+
+    # when a conversation opens
+    talk_to(page, "ada")
+
+    # then the page says which model answers and that it is small, not that it echoes
+    note = page.locator("#small-note")
+    expect(note).to_be_visible()
+    expect(note).to_contain_text("SmolLM2-135M-Instruct")
+    expect(note).to_contain_text("often wrong on facts")
+    expect(page.locator("#echo-note")).to_be_hidden()

@@ -193,6 +193,7 @@ def test_healthz_lives_and_readyz_fails_then_recovers_while_postgres_and_redis_g
         "CHANNEL_LAYER_URL": f"{redis_url}/2",
         "AUDIO_STORE_URL": f"{redis_url}/4",
         "READINESS_CACHE_S": "1",
+        "DEBUG": "false",  # what users get: Django's error handlers, not the debug page
     }
     expected_failures = {"cache", "channel_layer", "audio_store"}
     if services_mode:  # the database through our PgBouncer, the broker on our Redis
@@ -213,6 +214,12 @@ def test_healthz_lives_and_readyz_fails_then_recovers_while_postgres_and_redis_g
         took, status, body = timed_get(f"{server.url}/healthz")
         assert (status, body) == (200, {"status": "ok"})
         assert took < 1.0
+        if services_mode:  # and a page that reads the database is a quick 503, not a hang
+            started = time.monotonic()
+            status, headers, page = live.http_get(f"{server.url}/", timeout_s=10)
+            assert time.monotonic() - started < 4.0  # the connect timeout (2 s) bounds it
+            assert (status, headers.get("Retry-After")) == (503, "2"), (status, page[:300])
+            assert b"briefly unavailable" in page
         # and is not ready once the cached result expires, each probe bounded (~1 s of checks)
         deadline = time.monotonic() + 5
         while True:
@@ -236,5 +243,11 @@ def test_healthz_lives_and_readyz_fails_then_recovers_while_postgres_and_redis_g
             assert time.monotonic() < deadline, timed_get(f"{server.url}/readyz")
             time.sleep(0.3)
         assert timed_get(f"{server.url}/healthz")[1] == 200
+        # and pages work again, at the latest after one more 503 on a connection the
+        # restart broke (Django drops it at the end of that request)
+        deadline = time.monotonic() + 10
+        while live.http_get(f"{server.url}/", timeout_s=10)[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
     finally:
         server.stop()

@@ -32,7 +32,7 @@ from apps.observability.monitoring import (
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 ALERT_TESTS = DEPLOY_DIR / "tests" / "alerts-test.yaml"
-CRD = DEPLOY_DIR / "crds" / "monitoring.coreos.com_prometheusrules.yaml"
+CRD = DEPLOY_DIR.parent / "crds" / "monitoring.coreos.com_prometheusrules.yaml"
 # Issue #9: one alert at least for each of these (the alert names say which).
 ALERTS = {
     "ParleySpeechToFinalSlow",

@@ -93,8 +93,12 @@ def test_seed_demo_republishes_and_restores_an_edited_persona():
     assert ada.system_prompt != "changed"
 
 
-def test_seed_demo_refuses_in_production(settings):
-    settings.PRODUCTION = True
-    with pytest.raises(CommandError, match="refusing in production"):
+@pytest.mark.parametrize("env", ["production", "staging"])
+def test_seed_demo_refuses_outside_development_unless_asked(settings, env):
+    settings.ENV = env
+    with pytest.raises(CommandError, match=f"refusing with DJANGO_ENV={env}"):
         call_command("seed_demo", stdout=StringIO())
     assert not User.objects.filter(username="demo").exists()
+
+    call_command("seed_demo", "--allow-production", stdout=StringIO())
+    assert User.objects.filter(username="demo", is_staff=True).exists()

@@ -90,10 +90,48 @@ class TextToSpeech(Protocol):
         ...
 
 
-class ProviderError(Exception):
-    """An engine failed in a way the user should hear about (code, message)."""
+# What a client is told for each provider error code: one plain sentence. The
+# engine's own words (exception text, hosts, paths, HTTP bodies) never reach a
+# socket; they go to the log and the command line as the error's `detail`.
+CLIENT_MESSAGES = {
+    "stt_unavailable": "Speech recognition failed for that utterance.",
+    "tts_unavailable": "Speech synthesis failed.",
+    "llm_unavailable": "The persona could not answer just now.",
+    "llm_rate_limited": "The language model is busy; try again shortly.",
+    "llm_timeout": "The language model took too long to answer.",
+}
+CLIENT_MESSAGE_OTHER = "Something went wrong; try again."
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
+
+class ProviderError(Exception):
+    """An engine failed in a way the user should hear about. `code` and `message`
+    (CLIENT_MESSAGES) are for the client; `detail`, also `str(error)`, is for
+    operators only."""
+
+    def __init__(self, code: str, detail: str = "") -> None:
         self.code = code
-        self.message = message
+        self.message = CLIENT_MESSAGES.get(code, CLIENT_MESSAGE_OTHER)
+        self.detail = detail or self.message
+        super().__init__(self.detail)
+
+
+def approx_tokens(text: str) -> int:
+    """About four characters a token, and never fewer tokens than words."""
+    return max(len(text) // 4, len(text.split()))
+
+
+def prompt_text(request: ReplyRequest) -> str:
+    return " ".join([request.system_prompt, *(m.content for m in request.history)])
+
+
+def usage_or_estimate(usage: ReplyUsage, *, request: ReplyRequest, text: str) -> ReplyUsage:
+    """The provider's counts, or an estimate where it sent none: a reply that was
+    interrupted or failed mid-stream never gets the stream's last chunk, which is
+    where usage comes, yet the provider bills the prompt and what it streamed.
+    Nothing is estimated for a reply that streamed nothing."""
+    if not text:
+        return usage
+    return ReplyUsage(
+        prompt_tokens=usage.prompt_tokens or approx_tokens(prompt_text(request)),
+        completion_tokens=usage.completion_tokens or approx_tokens(text),
+    )

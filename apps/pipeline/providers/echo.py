@@ -1,24 +1,20 @@
-"""EchoLLM: the OFFLINE STAND-IN for a chat model.
+"""EchoLLM: the deterministic STAND-IN for a chat model.
 
-No usable chat model ships with Parley (see ASSETS.md), so with no LLM endpoint
-configured the pipeline runs on this engine. It does not think: it repeats the last
-thing the user said, streamed word by word with a small delay so the rest of the
-pipeline (sentence splitting, TTS, barge-in) behaves as it would with a real model.
-Set LLM_BASE_URL / LLM_API_KEY (LLM_KIND=openai) to talk to a real model."""
+With neither an LLM endpoint nor the offline model (`local` kind, `manage.py
+serve_llm`, which `make run` starts) configured, the pipeline runs on this engine, as
+the tests that need determinism do. It does not think: it repeats the last thing the
+user said, streamed word by word with a small delay so the rest of the pipeline
+(sentence splitting, TTS, barge-in) behaves as it would with a real model. Set
+LLM_BASE_URL / LLM_API_KEY (LLM_KIND=openai) to talk to a real model."""
 
 import asyncio
 import re
 from collections.abc import AsyncIterator
 
-from .base import ReplyRequest, ReplyStream, ReplyUsage
+from .base import ReplyRequest, ReplyStream, ReplyUsage, approx_tokens, prompt_text
 
 TOKEN_DELAY_S = 0.02
 MAX_ECHO_WORDS = 60
-
-
-def approx_tokens(text: str) -> int:
-    """About four characters a token, and never fewer tokens than words."""
-    return max(len(text) // 4, len(text.split()))
 
 
 def echo_reply_text(request: ReplyRequest) -> str:
@@ -43,6 +39,5 @@ class EchoLLM:
             if i:
                 await asyncio.sleep(TOKEN_DELAY_S)
             yield token
-        prompt = " ".join([request.system_prompt, *(m.content for m in request.history)])
-        usage.prompt_tokens = approx_tokens(prompt)
+        usage.prompt_tokens = approx_tokens(prompt_text(request))
         usage.completion_tokens = approx_tokens(text)

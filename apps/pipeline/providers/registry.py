@@ -3,6 +3,8 @@ a worker loads its model on the first task (or at start-up) and keeps it."""
 
 import functools
 import importlib
+import logging
+import threading
 
 from django.conf import settings
 
@@ -15,6 +17,7 @@ STT_KINDS = {
 LLM_KINDS = {
     "echo": "apps.pipeline.providers.echo.EchoLLM",
     "openai": "apps.pipeline.providers.openai_llm.OpenAILLM",
+    "local": "apps.pipeline.providers.local_llm.LocalLLM",
 }
 TTS_KINDS = {
     "piper": "apps.pipeline.providers.piper.PiperTTS",
@@ -50,3 +53,17 @@ def llm_get(kind: str = "") -> LanguageModel:
 
 def tts_get(kind: str = "") -> TextToSpeech:
     return _cached("TTS", kind or settings.TTS_KIND)
+
+
+def llm_warm_in_background() -> None:
+    """Build the deployment's LLM engine on a thread, at process start: the `openai`
+    SDK takes about 2.5 s to import, which the first reply would otherwise spend on
+    the event loop, stalling every socket of the process."""
+
+    def build() -> None:
+        try:
+            llm_get()
+        except Exception:  # a misconfigured engine fails its first reply, clearly
+            logging.getLogger(__name__).warning("LLM engine not built", exc_info=True)
+
+    threading.Thread(target=build, name="llm-warm", daemon=True).start()

@@ -79,6 +79,7 @@ def test_the_native_message_is_the_one_kombu_writes(settings):
 
     app = Celery(f"envelope-{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
     app.conf.task_time_limit = settings.CELERY_TASK_TIME_LIMIT
+    app.conf.task_soft_time_limit = settings.CELERY_TASK_SOFT_TIME_LIMIT
     queue = f"envelope-{uuid.uuid4().hex[:6]}"
     kwargs = {"conversation_id": "c", "utterance_id": "u", "end_byte": 3200, "purpose": "partial"}
     headers = {"parley_request_id": "r-1", "parley_enqueued_at": 1.5}  # the logs' ids

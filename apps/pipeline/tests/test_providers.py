@@ -180,6 +180,7 @@ def test_espeak_bad_voice_is_tts_unavailable(voice):
         EspeakTTS().synthesize("hello", voice=voice)
 
     assert error.value.code == "tts_unavailable"
+    assert error.value.detail and voice not in error.value.message  # the cause: logs only
 
 
 def test_espeak_missing_binary_is_tts_unavailable(monkeypatch):
@@ -309,6 +310,9 @@ async def test_openai_llm_unreachable_is_llm_unavailable(settings):
         await collect(OpenAILLM().stream_reply(reply_request()))
 
     assert error.value.code == "llm_unavailable"
+    # the client is told a plain sentence; the exception's text is for operators only
+    assert error.value.message == "The persona could not answer just now."
+    assert "onnect" in error.value.detail and "onnect" not in error.value.message
 
 
 def test_openai_tts_returns_24khz_pcm(fake):

@@ -241,3 +241,37 @@ async def test_a_socket_plays_every_piece_once_in_order_whatever_order_they_are_
     assert "first_token_to_first_audio_ms" in starts[0]
     assert sum(len(b) for b in sent if isinstance(b, bytes)) == sum(s["bytes"] for s in starts)
     assert all(s["bytes"] > 0 for s in starts) and not out.pending(reply_id, 2)
+
+
+async def test_a_dead_lettered_part_ends_empty_so_the_next_parts_still_play(published):
+    # given a reply whose part 0 will never be spoken (its task was dead-lettered)
+    reply_id = str(uuid.uuid4())
+    synthesize_sentence(sentence=part(reply_id, 1, "That is all for now."))
+    services.synthesize_sentence_abandon(sentence=part(reply_id, 0, TWO_SENTENCES))
+    sent: list = []
+
+    async def send_event(message):
+        sent.append(message)
+
+    async def send_bytes(data):
+        sent.append(data)
+
+    out = AudioSequencer(
+        send_event=send_event,
+        send_bytes=send_bytes,
+        fetch=audio_store().aget,
+        timing=lambda reply_id: {},
+    )
+
+    # when a socket gets the announcements
+    for message in audio_events(published):
+        await out.push(message, greeted=True)
+
+    # then the client hears why, part 0 ends empty, and part 1 plays after it
+    assert [e["code"] for e in published if e["type"] == "error"] == ["tts_unavailable"]
+    starts = [m for m in sent if isinstance(m, dict)]
+    assert [(s["index"], s["chunk"], s["last"], s["bytes"] > 0) for s in starts] == [
+        (0, 0, True, False),
+        (1, 0, True, True),
+    ]
+    assert not out.pending(reply_id, 2)

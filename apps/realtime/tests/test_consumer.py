@@ -43,7 +43,15 @@ def fast_engines(settings):
     settings.LLM_KIND = "echo"
     settings.TTS_KIND = "espeak"
     yield
-    async_to_sync(get_channel_layer().flush)()
+    layer = get_channel_layer()
+    if hasattr(layer, "hosts"):  # Redis: empty its database, without closing the pools
+        # of other loops from this one (the publisher thread's loop has its own)
+        import redis
+
+        for host in layer.hosts:
+            redis.Redis.from_url(host["address"]).flushdb()
+    else:
+        async_to_sync(layer.flush)()
 
 
 @pytest.fixture
@@ -214,17 +222,31 @@ async def test_unknown_conversation_gets_4404(connect):
     assert await closed_with(communicator) == 4404
 
 
-async def test_a_foreign_origin_is_refused_before_the_socket_opens(conversation, user):
+@pytest.mark.parametrize(
+    "origin", [b"https://evil.example", b"null", b"http://localhost.evil.example", None]
+)
+async def test_a_foreign_null_or_missing_origin_is_refused_before_the_socket_opens(
+    conversation, user, origin
+):
     key = await sync_to_async(session_key_create)(user=user)
+    headers = [(b"cookie", f"sessionid={key}".encode())]
+    if origin is not None:
+        headers.append((b"origin", origin))
     communicator = WebsocketCommunicator(
-        application,
-        f"/ws/conversations/{conversation.id}/",
-        headers=[(b"origin", b"https://evil.example"), (b"cookie", f"sessionid={key}".encode())],
+        application, f"/ws/conversations/{conversation.id}/", headers=headers
     )
 
     connected, _ = await communicator.connect(timeout=TIMEOUT)
 
     assert not connected
+
+
+async def test_a_bad_session_cookie_gets_4401(conversation):
+    communicator = socket(conversation.id, "not-a-session-key-0123456789")
+    assert (await communicator.connect(timeout=TIMEOUT))[0]
+    error = await communicator.receive_json_from(timeout=TIMEOUT)
+    assert (error["code"], error["fatal"]) == ("unauthenticated", True)
+    assert await closed_with(communicator) == 4401
 
 
 async def test_protocol_2_is_refused_with_4400(connect):

@@ -4,9 +4,9 @@ import struct
 import pytest
 from django.conf import settings
 
+from apps.realtime.limits import AudioRateLimiter
 from apps.realtime.protocol import (
     CLIENT_TYPES,
-    AudioRateLimiter,
     ProtocolError,
     check_audio_frame,
     parse_control,
@@ -65,6 +65,30 @@ def test_parse_control_checks_size_before_json():
     assert refused(parse_control, "x" * (settings.WS_TEXT_MAX_BYTES + 1)) == "message_too_large"
 
 
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("[" * 5000 + "]" * 5000, "bad_json"),  # deeper than the parser goes: no RecursionError
+        ('{"type": "ping", "t": ' + "[" * 17 + "]" * 17 + "}", "bad_message"),  # > 16 deep
+        ('{"type": "ping", "t": ' + "9" * 5000 + "}", "bad_json"),  # past int's 4300 digits
+        ('{"type": "ping", "t": 1e999}', "bad_json"),  # not a finite number
+        ('{"type": "ping", "t": NaN}', "bad_json"),
+        ('{"type": "ping", "t": -Infinity}', "bad_json"),
+        ('{"type": "ping"}\x00', "bad_json"),
+        (r'{"type": "\u0000"}', "unknown_type"),  # a JSON escape: NUL in a string
+        ('{"type": "' + chr(0) + '"}', "bad_json"),  # a raw control character
+    ],
+)
+def test_parse_control_refuses_hostile_json(text, code):
+    assert refused(parse_control, text) == code
+
+
+def test_parse_control_takes_shallow_wide_json():
+    wide = json.dumps({"type": "ping", "t": [[i] for i in range(2000)]})
+    assert parse_control(wide)["t"][1999] == [1999]
+    assert parse_control(json.dumps({"type": "ping", "t": 1.5e300}))["t"] == 1.5e300
+
+
 def test_unknown_type_message_does_not_echo_a_huge_type():
     with pytest.raises(ProtocolError) as caught:
         parse_control(json.dumps({"type": "z" * 5000}))
@@ -94,7 +118,9 @@ def test_parse_hello_refuses_other_protocols(protocol):
     assert refused(parse_hello, {"type": "hello", "protocol": protocol}) == "unsupported_protocol"
 
 
-@pytest.mark.parametrize("resume_from", [-1, 1.5, 2.0, True, False, "3", [1], {"seq": 1}])
+@pytest.mark.parametrize(
+    "resume_from", [-1, 1.5, 2.0, True, False, "3", [1], {"seq": 1}, 2**31, 10**400]
+)
 def test_parse_hello_refuses_a_bad_resume_from(resume_from):
     assert refused(parse_hello, {"type": "hello", "resume_from": resume_from}) == "bad_message"
 
@@ -119,6 +145,12 @@ def test_parse_text_trims():
 )
 def test_parse_text_needs_non_empty_text(message):
     assert refused(parse_text, message) == "bad_message"
+
+
+@pytest.mark.parametrize("text", ["a\x00b", "\x00", "half a pair \ud800"])
+def test_parse_text_refuses_nul_and_unpaired_surrogates(text):
+    # the database refuses both (Postgres: NUL in text; UTF-8: a lone surrogate)
+    assert refused(parse_text, {"type": "text", "text": text}) == "bad_message"
 
 
 def test_parse_text_limits_characters():

@@ -3,6 +3,7 @@ socket on a real Daphne."""
 
 import json
 import struct
+import time
 
 import pytest
 import websocket
@@ -111,3 +112,60 @@ def test_a_foreign_origin_is_refused_at_the_handshake(talker):
             timeout=10,
         )
     assert refused.value.status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("send", "close_code"),
+    [
+        # over WS_MESSAGE_MAX_BYTES: Daphne (autobahn, capped in config/asgi.py) refuses it
+        # while reading, not at its own default of 1 MiB
+        (lambda c, cap: c.send_bytes(bytes(cap + 2)), 1009),
+        (lambda c, cap: c.ws.send("x" * (cap + 1)), 1009),
+        (lambda c, cap: c.ws.send(bytes(1024 * 1024 - 2)), 1009),
+        # a text frame that is not UTF-8
+        (lambda c, cap: c.ws.send(b'{"type": "ping", "t": "\xff\xfe"}', opcode=1), 1007),
+    ],
+)
+def test_the_server_closes_on_what_is_not_a_message(talker, voice_server, send, close_code):
+    client = talker("ada")
+    offset = voice_server.log_size()
+
+    send(client, settings.WS_MESSAGE_MAX_BYTES)
+
+    assert client.closed.wait(10)
+    assert client.close_code == close_code
+    log = voice_server.log_since(offset)
+    assert "Traceback" not in log and "Exception inside application" not in log
+
+
+def test_a_message_at_the_cap_is_read_and_answered(talker):
+    client = talker("ada")
+    after = len(client.received)
+
+    client.send_bytes(bytes(settings.WS_MESSAGE_MAX_BYTES))  # too long for audio, not a message
+
+    error = client.wait_for(lambda e: e["type"] == "error", after=after).event
+    assert error["code"] == "audio_frame_too_large"
+    assert not client.closed.is_set()
+
+
+def test_frames_after_a_4400_are_not_answered_and_raise_nothing(talker, voice_server):
+    client = talker("ada", connect=False)
+    client.connect(hello=False)
+    offset = voice_server.log_size()
+
+    client.send_json({"type": "hello", "protocol": 2})
+    for _ in range(50):  # racing the close
+        try:
+            client.send_json({"type": "ping"})
+            client.send_bytes(b"\x01")
+        except (OSError, websocket.WebSocketException):
+            break
+
+    assert client.closed.wait(10)
+    assert client.close_code == 4400
+    assert [e["code"] for e in client.events("error")] == ["unsupported_protocol"]
+    assert client.events("pong") == []
+    time.sleep(1.5)  # Daphne logs an application's exception within a second of its end
+    log = voice_server.log_since(offset)
+    assert "Exception inside application" not in log and "Traceback" not in log

@@ -3,7 +3,7 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from apps.observability.capacity import Options, capacity_plan, plan_text
+from apps.observability.capacity import Options, capacity_plan, options_add, options_of, plan_text
 from apps.observability.capacity_inputs import CapacityError
 
 
@@ -16,16 +16,10 @@ class Command(BaseCommand):
         parser.add_argument("--speaking-ratio", type=float, required=True, help="0 to 1")
         parser.add_argument("--gpu", action="store_true", help="speech-to-text on GPUs")
         parser.add_argument("--bench-dir", type=Path, default=settings.BASE_DIR / "docs/benchmarks")
-        for name, spec in Options.__dataclass_fields__.items():
-            parser.add_argument(
-                f"--{name.replace('_', '-')}",
-                type=type(spec.default),
-                default=spec.default,
-                help=f"{spec.metadata['help']} (default {spec.default})",
-            )
+        options_add(parser, Options)
 
     def handle(self, *args, **options):
-        chosen = Options(**{name: options[name] for name in Options.__dataclass_fields__})
+        chosen = options_of(Options, options)
         try:
             plan = capacity_plan(
                 users=options["users"],

@@ -11,14 +11,14 @@ class Command(BaseCommand):
         parser.add_argument(
             "--allow-production",
             action="store_true",
-            help="seed even with DJANGO_ENV=production (the demo login is public)",
+            help="seed outside development (staging, production): the demo login is public",
         )
 
     def handle(self, *args, allow_production, **options):
-        if settings.PRODUCTION and not allow_production:
+        if settings.ENV != "development" and not allow_production:
             raise CommandError(
-                "seed_demo creates a superuser with a published password; "
-                "refusing in production (pass --allow-production to insist)"
+                "seed_demo creates a superuser with a published password; refusing "
+                f"with DJANGO_ENV={settings.ENV} (pass --allow-production to insist)"
             )
         personas, user = demo_seed()
         names = ", ".join(persona.name for persona in personas)
