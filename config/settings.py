@@ -383,6 +383,9 @@ STT_BACKLOG_REFUSE = env_int("STT_BACKLOG_REFUSE", 300)
 # Conversation sockets one user may hold open at once, on every web process together
 # (apps/realtime/leases.py); one more is refused with 4409. 0: unlimited.
 SOCKETS_PER_USER_MAX = env_int("SOCKETS_PER_USER_MAX", 5)
+# Conversations one user may start in any 24 hours (staff: unlimited); one more is
+# refused with a message (apps/conversations/services.py). 0: unlimited.
+CONVERSATIONS_PER_DAY_MAX = env_int("CONVERSATIONS_PER_DAY_MAX", 50)
 # An ended utterance's audio stays in the process (besides Redis) until its final
 # is known, or this long after it is all stored.
 LIVE_AUDIO_KEEP_S = env_float("LIVE_AUDIO_KEEP_S", 10.0)
@@ -462,6 +465,8 @@ STORAGES = {
         else "django.contrib.staticfiles.storage.StaticFilesStorage"
     },
 }
+# The largest persona avatar staff may upload (apps/personas/avatars.py re-encodes it).
+AVATAR_UPLOAD_MAX_BYTES = env_int("AVATAR_UPLOAD_MAX_BYTES", 2_000_000)
 MEDIA_URL = "/media/"
 MEDIA_ROOT = BASE_DIR / "media"
 

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,9 @@ from locustfiles import summary  # noqa: E402
 LOADTEST_DATABASE = "parley_loadtest"
 PREFIX = "loadtest"
 DURATION = re.compile(r"^\d+[smh]?$|^(\d+h)?(\d+m)?(\d+s)?$")
+# Locust stops itself at --run-time; past that plus this, it is stopped and the run fails.
+STOP_GRACE_S = 60
+KILL_GRACE_S = 10  # from SIGTERM to SIGKILL
 
 
 def say(message: str) -> None:
@@ -105,8 +109,41 @@ def locust_run(command: list[str], out: Path) -> int:
         old.unlink()
     say(" ".join(command[2:]))
     with open(out / "locust-summary.txt", "wb") as printed:
-        done = subprocess.run(command, cwd=ROOT, stdout=printed, stderr=subprocess.STDOUT)
-    return done.returncode
+        locust = subprocess.Popen(
+            command, cwd=ROOT, stdout=printed, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            return locust.wait(timeout=seconds(duration_of(command)) + STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            stop_group(locust)
+    say(f"Locust did not stop within {STOP_GRACE_S} s of its run time: stopped; the run fails")
+    return 1
+
+
+def duration_of(command: list[str]) -> str:
+    return command[command.index("--run-time") + 1]
+
+
+def seconds(duration: str) -> int:
+    """A --duration (90s, 2m, 1h30m, or bare seconds) in seconds."""
+    if duration.isdigit():
+        return int(duration)
+    units = {"h": 3600, "m": 60, "s": 1}
+    return sum(int(n) * units[unit] for n, unit in re.findall(r"(\d+)([hms])", duration))
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM Locust's process group (its --processes workers too), then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=KILL_GRACE_S)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def spawned(out: Path) -> dict[str, int]:

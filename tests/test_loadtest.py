@@ -211,6 +211,39 @@ def test_a_turn_that_times_out_fails_the_run(transactional_db, live_daphne, live
     assert any("TimeoutError" in error and "0.05s" in error for error in errors), errors
 
 
+@pytest.mark.parametrize("ignores_sigterm", [False, True])
+def test_a_locust_that_hangs_past_its_run_time_is_stopped_and_fails_the_run(
+    ignores_sigterm, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(run, "STOP_GRACE_S", 1)
+    monkeypatch.setattr(run, "KILL_GRACE_S", 1)
+    pid_file = tmp_path / "pids"
+    hang = (
+        "import os, signal, subprocess, sys, time\n"
+        f"signal.signal(signal.SIGTERM, signal.SIG_IGN if {ignores_sigterm} else signal.SIG_DFL)\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
+        "time.sleep(60)\n"
+    )
+    code = run.locust_run([sys.executable, "-c", hang, "--run-time", "2s"], tmp_path / "out")
+    assert code == 1
+    pids = [int(pid) for pid in pid_file.read_text().split()]  # Locust and its worker
+    assert not [pid for pid in pids if _running(pid)]
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a reparented child may wait a moment to be reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_a_run_time_is_read_in_seconds():
+    assert [run.seconds(d) for d in ("90", "90s", "2m", "1h30m", "1m5s")] == [90, 90, 120, 5400, 65]
+
+
 def _events(*events: dict) -> list:
     from apps.pipeline.talk_client import Received
 

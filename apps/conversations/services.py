@@ -12,9 +12,12 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from datetime import timedelta
 from typing import TypeVar
 from uuid import UUID
 
+from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F, PositiveIntegerField, Subquery, Value
 from django.db.models.functions import Coalesce
@@ -101,8 +104,41 @@ def _on_commit_stored(message: Message) -> None:
     transaction.on_commit(lambda: context.turn_stored(message=message), robust=True)
 
 
-@transaction.atomic
-def conversation_start(*, user, persona: Persona) -> Conversation:
+class ConversationLimitReached(Exception):
+    """The user started CONVERSATIONS_PER_DAY_MAX conversations in the last 24 hours."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        super().__init__(
+            f"You have started {limit} conversations in the last 24 hours, the most allowed."
+            " Go on with one of them from your history, or come back later."
+        )
+
+
+def conversation_start(*, user, persona: Persona, limited: bool = False) -> Conversation:
+    """A new conversation, opened with the persona's greeting. `limited` (a user's
+    own request, the talk view; not the developer tools and seeders): raises
+    ConversationLimitReached past CONVERSATIONS_PER_DAY_MAX, staff excepted. The
+    user's row is locked while it counts, so two requests at once cannot both take
+    the last one (Postgres; SQLite writes one at a time anyway)."""
+    with transaction.atomic():
+        if limited:
+            _conversation_limit_check(user)
+        return _conversation_open(user=user, persona=persona)
+
+
+def _conversation_limit_check(user) -> None:
+    limit = settings.CONVERSATIONS_PER_DAY_MAX
+    if not limit or user.is_staff:
+        return
+    get_user_model().objects.select_for_update().filter(pk=user.pk).values_list("pk").get()
+    since = timezone.now() - timedelta(days=1)
+    started = Conversation.objects.filter(user=user, started_at__gte=since).count()
+    if started >= limit:
+        raise ConversationLimitReached(limit)
+
+
+def _conversation_open(*, user, persona: Persona) -> Conversation:
     conversation = Conversation.objects.create(user=user, persona=persona)
     turns = []
     if persona.greeting:

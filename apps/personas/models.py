@@ -16,7 +16,10 @@ class Persona(models.Model):
     name = models.CharField(max_length=80)
     slug = models.SlugField(max_length=80, unique=True)
     avatar = models.CharField(
-        max_length=8, default="🙂", help_text="An emoji shown in the gallery."
+        max_length=8,
+        default="🙂",
+        help_text="A short text avatar for socket clients (the ready event). The pages show"
+        " the uploaded image, or the name's initials.",
     )
     description = models.CharField(max_length=200, blank=True)
     system_prompt = models.TextField()
@@ -55,3 +58,18 @@ class Persona(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class PersonaAvatar(models.Model):
+    """A persona's uploaded avatar, as re-encoded by avatars.avatar_encode (a small
+    PNG, kept here so that every web pod serves it). Its own table: nothing that
+    lists personas loads the bytes."""
+
+    persona = models.OneToOneField(
+        Persona, on_delete=models.CASCADE, primary_key=True, related_name="avatar_image"
+    )
+    png = models.BinaryField()
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"avatar of {self.persona_id}"

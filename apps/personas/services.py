@@ -1,9 +1,10 @@
 from django.db import transaction
+from django.utils import timezone
 from django.utils.text import slugify
 
 from apps.conversations.context import persona_forget, persona_remember
 
-from .models import Persona
+from .models import Persona, PersonaAvatar
 
 
 @transaction.atomic
@@ -39,3 +40,24 @@ def persona_duplicate(*, persona: Persona) -> Persona:
     copy.is_published = False
     copy.save()
     return copy
+
+
+@transaction.atomic
+def persona_avatar_set(*, persona: Persona, png: bytes | None) -> None:
+    """Keep a re-encoded avatar (avatars.avatar_encode), or drop it (None: the
+    initials image shows). The persona's updated_at moves: the pages' avatar URLs
+    carry it, so browsers ask for the new image."""
+    if png is None:
+        PersonaAvatar.objects.filter(persona=persona).delete()
+    else:
+        PersonaAvatar.objects.update_or_create(persona=persona, defaults={"png": png})
+    persona.updated_at = timezone.now()
+    Persona.objects.filter(pk=persona.pk).update(updated_at=persona.updated_at)
+
+
+def persona_avatar_png(*, persona: Persona) -> bytes:
+    """What views.avatar serves: the uploaded avatar or the initials image."""
+    from .avatars import initials_png
+
+    stored = PersonaAvatar.objects.filter(persona=persona).values_list("png", flat=True).first()
+    return bytes(stored) if stored is not None else initials_png(persona.name)

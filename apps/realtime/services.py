@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from uuid import UUID
 
 from django.conf import settings
+from django.urls import reverse
 
 from apps.conversations.models import Message
 from apps.conversations.selectors import conversation_for_socket, turns_for_resume
@@ -48,7 +49,12 @@ def socket_open(*, conversation_id: UUID, user) -> tuple[SocketContext | None, s
         SocketContext(
             conversation_id=conversation.conversation_id,
             user_id=user.pk,
-            persona={"name": persona.name, "slug": persona.slug, "avatar": persona.avatar},
+            persona={
+                "name": persona.name,
+                "slug": persona.slug,
+                "avatar": persona.avatar,
+                "avatar_url": reverse("persona_avatar", args=[persona.slug]),
+            },
             engines=PersonaEngines.of(persona),
             quota_problem=user.quota_problem(),
         ),

@@ -134,10 +134,12 @@ def test_talk_to_an_unpublished_or_unknown_persona_is_not_found(user_client, slu
 
 # Measured, embedded (services mode: one less, the session comes from the cache):
 # gallery 1 anonymous (the published personas) and 3 signed in (session, user); talk
-# (start a conversation) 7: session, user, the persona, the conversation and its greeting
-# in a transaction (here, inside the test's: SAVEPOINT and RELEASE). However many personas.
+# (start a conversation) 9: session, user, the persona, then in a transaction (here,
+# inside the test's: SAVEPOINT and RELEASE) the user's row locked, the day's
+# conversations counted (the daily limit), the conversation and its greeting.
+# However many personas.
 GALLERY_QUERY_BUDGET = {"anonymous": 1, "signed_in": 3}
-TALK_QUERY_BUDGET = 7
+TALK_QUERY_BUDGET = 9
 
 
 def test_gallery_stays_within_its_query_budget(client, django_assert_max_num_queries):
@@ -160,3 +162,43 @@ def test_talk_stays_within_its_query_budget(user_client, django_assert_max_num_q
         response = user_client.post("/personas/ada/talk/")
 
     assert response.status_code == 302
+
+
+# --- The daily conversation limit --------------------------------------------------------
+
+
+def test_talk_past_the_daily_conversation_limit_is_refused_and_says_why(client, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    settings.CONVERSATIONS_PER_DAY_MAX = 2
+    user = UserFactory()
+    client.force_login(user)
+    PersonaFactory(slug="ada")
+    # given one conversation started more than a day ago, which does not count
+    old = client.post("/personas/ada/talk/").url.split("/")[-2]
+    Conversation.objects.filter(pk=old).update(
+        started_at=timezone.now() - timedelta(days=1, minutes=1)
+    )
+
+    # when the user starts two today, then a third
+    assert client.post("/personas/ada/talk/").status_code == 302
+    assert client.post("/personas/ada/talk/").status_code == 302
+    refused = client.post("/personas/ada/talk/")
+
+    # then the third is refused with a readable reason on the gallery, and nothing is stored
+    assert refused.status_code == 429
+    assert "You have started 2 conversations in the last 24 hours" in refused.content.decode()
+    assert b"Talk to " in refused.content  # the gallery, still usable
+    assert Conversation.objects.filter(user=user).count() == 3
+
+
+def test_staff_and_a_limit_of_0_start_conversations_without_limit(client, settings):
+    settings.CONVERSATIONS_PER_DAY_MAX = 1
+    PersonaFactory(slug="ada")
+    client.force_login(UserFactory(is_staff=True))
+    assert [client.post("/personas/ada/talk/").status_code for _ in range(3)] == [302] * 3
+    settings.CONVERSATIONS_PER_DAY_MAX = 0
+    client.force_login(UserFactory())
+    assert [client.post("/personas/ada/talk/").status_code for _ in range(3)] == [302] * 3

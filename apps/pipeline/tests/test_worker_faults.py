@@ -8,7 +8,9 @@ supervisor would (scripts/run.sh, Kubernetes), and the last test kills one under
 `make run`'s supervisor.
 
 Redelivery is sped up (visibility 6 s, looked for every second); everything else is
-the production path."""
+the production path. These tests start every process they need, so the two modes
+would differ only in the database: they run in `make test`'s services run, on
+Postgres through PgBouncer as production does (about 100 s)."""
 
 from __future__ import annotations
 
@@ -79,6 +81,12 @@ class Stack:
         time.sleep(down_s)
         self.broker = live.start_redis(self.broker_port, persist_dir=self.broker_dir)
         return time.monotonic()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def services_run_only():
+    if not live.services_mode():
+        pytest.skip("process-killing fault tests run in make test's services run")
 
 
 @pytest.fixture(scope="module")

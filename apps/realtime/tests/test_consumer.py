@@ -270,7 +270,10 @@ async def test_hello_gets_ready_then_the_greeting_replayed(conversation, connect
 
     assert ready["protocol"] == 1
     assert ready["conversation_id"] == str(conversation.id)
-    assert ready["persona"] == {"name": "Tester", "slug": "tester", "avatar": "🙂"}
+    assert ready["persona"] == {
+        "name": "Tester", "slug": "tester", "avatar": "🙂",
+        "avatar_url": "/personas/tester/avatar.png",
+    }  # fmt: skip
     assert ready["last_seq"] == 1
     assert ready["audio"]["sample_rate"] == 16000
     assert ready["engines"]["llm"] == "echo" and ready["llm_is_offline_echo"] is True
