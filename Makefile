@@ -39,6 +39,11 @@ LOADTEST_SPAWN_RATE ?= 2
 LOADTEST_DURATION ?= 2m
 LOADTEST_MIX ?= http=2,voice=1,text=1
 LOADTEST_ARGS ?=
+# `make soak`: a long Locust run while a worker is killed and the Redis restarted, then an
+# account of what was lost (locustfiles/soak.py; docs/reliability.md, "Soak").
+SOAK_USERS ?= 9
+SOAK_DURATION ?= 10m
+SOAK_ARGS ?=
 
 # Settings that must not leak from the shell into a test run: an LLM endpoint or key,
 # other engines, a broker, cache, layer or store URL, production mode. Each run starts
@@ -53,7 +58,7 @@ TEST_CLEAN_ENV := env $(foreach name,$(TEST_UNSET_VARS),-u $(name) -u $(name)_FI
 EMBEDDED_RUN := $(TEST_CLEAN_ENV) $(PYTEST)
 SERVICES_RUN := $(TEST_CLEAN_ENV) $(SERVICES_ENV) $(PYTEST)
 
-.PHONY: help venv system-deps services run test test-embedded test-services test-deploy lint bench loadtest screenshots clean
+.PHONY: help venv system-deps services run test test-embedded test-services test-deploy lint bench loadtest soak screenshots clean
 
 help:
 	@echo "make run          serve Parley at http://127.0.0.1:8000 (embedded defaults; reads .env)"
@@ -63,6 +68,7 @@ help:
 	@echo "make services     start Postgres, Redis and PgBouncer (127.0.0.1:6432)"
 	@echo "make bench        the benchmarks named in BENCH (default: all: density frame stt latency database)"
 	@echo "make loadtest     a headless Locust run against a stack it starts; reports/loadtest/"
+	@echo "make soak         10 min of Locust with a worker killed and Redis restarted; what was lost"
 	@echo "make screenshots  copy the browser tests' screenshots (reports/screenshots/) to docs/screenshots/"
 	@echo "make clean        remove generated files (keeps .venv)"
 
@@ -151,6 +157,9 @@ loadtest: venv services
 	$(PY) -m locustfiles.run --users $(LOADTEST_USERS) --spawn-rate $(LOADTEST_SPAWN_RATE) \
 		--duration $(LOADTEST_DURATION) --mix $(LOADTEST_MIX) --out reports/loadtest \
 		$(if $(strip $(LOADTEST_ARGS)),-- $(LOADTEST_ARGS))
+
+soak: venv services
+	$(PY) -m locustfiles.soak --users $(SOAK_USERS) --duration $(SOAK_DURATION) $(SOAK_ARGS)
 
 bench: venv
 	@for name in $(BENCH); do \

@@ -182,12 +182,22 @@ class RedisServer:
         self.proc.stop()
 
 
-def redis_start(core: int | None = None, timeout_s: float = 30.0) -> RedisServer:
-    """A throwaway `redis-server` on a free port: no persistence, stopped by pid."""
-    port = free_port()
+def redis_start(
+    core: int | None = None,
+    timeout_s: float = 30.0,
+    *,
+    port: int | None = None,
+    persist_dir: Path | None = None,
+) -> RedisServer:
+    """A throwaway `redis-server`, stopped by pid: on a free port (or `port`, to start
+    one again), with no persistence (or an append-only file in `persist_dir`, as a
+    production broker keeps, so that a restart keeps its queues)."""
+    port = port or free_port()
+    persistence = ["--appendonly", "no"] if persist_dir is None else [
+        "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(persist_dir)]  # fmt: skip
     command = [
         "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-        "--appendonly", "no", "--maxclients", "60000", "--daemonize", "no",
+        *persistence, "--maxclients", "60000", "--daemonize", "no",
     ]  # fmt: skip
     proc = spawn(pinned(command, core), os.environ, f"redis-{port}")
 

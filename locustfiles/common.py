@@ -55,6 +55,12 @@ def _options(parser) -> None:
         help=f"weights of the user kinds, e.g. {DEFAULT_MIX} (env LOADTEST_MIX)",
     )
     group.add_argument(
+        "--sent-log",
+        default=os.environ.get("LOADTEST_SENT_LOG", ""),
+        help="a folder: each Locust process writes there the finals, replies and ended"
+        " utterances its sockets were sent (`make soak` counts them against Postgres)",
+    )
+    group.add_argument(
         "--turn-timeout",
         type=float,
         default=float(os.environ.get("LOADTEST_TURN_TIMEOUT_S", "60")),

@@ -16,6 +16,8 @@ Protocol `error` events, unexpected closes and turns that time out are failures.
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import sys
 import time
@@ -35,6 +37,7 @@ from apps.pipeline.talk_client import (  # noqa: E402
     text_turn,
 )
 from locustfiles import common  # noqa: E402
+from locustfiles.soak import SENT_KINDS, sent_record  # noqa: E402
 
 CONNECT_TIMEOUT_S = 15.0  # opening the socket, and hello → ready
 SILENCE = bytes(32_000 * 2)  # 2 s after each clip, so the endpointer ends the utterance
@@ -48,6 +51,10 @@ PHRASES = (
 
 class ProtocolError(Exception):
     pass
+
+
+# What the sockets of this process were sent, for --sent-log (`make soak` counts it).
+SENT: list[dict] = []
 
 
 class SocketUser(HttpUser):
@@ -126,6 +133,8 @@ class SocketUser(HttpUser):
         event = item.event
         if event["type"] == "error":
             self.fail("protocol_error", ProtocolError(common.event_summary(event)))
+        elif event["type"] in SENT_KINDS and self.options.sent_log:
+            SENT.append(sent_record(self.conversation_id, event))
 
     def fail(self, name: str, exc: BaseException) -> None:
         common.stage_report(self.environment, self.request_type, name, None, exc)
@@ -266,6 +275,15 @@ class HttpBrowser(HttpUser):
 
 
 KINDS = {"http": HttpBrowser, "voice": VoiceTalker, "text": TextTyper}
+
+
+@events.quitting.add_listener
+def _sent_write(environment, **_kwargs) -> None:
+    folder = environment.parsed_options.sent_log
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        lines = "".join(json.dumps(record) + "\n" for record in SENT)
+        (Path(folder) / f"sent-{os.getpid()}.jsonl").write_text(lines)
 
 
 @events.init.add_listener
