@@ -30,7 +30,7 @@ TEST_LINT ?= yes
 # `make bench` runs each benchmark named in BENCH as `$(PY) -m benchmarks.<name>`, one after
 # the other, with BENCH_ARGS given to each: make bench BENCH="density stt" BENCH_ARGS=...
 # Each starts the stack it needs, prints a table and writes docs/benchmarks/<name>.json.
-BENCH ?= density frame stt latency database llm
+BENCH ?= density frame stt latency database llm overload
 BENCH_ARGS ?=
 # `make loadtest`: a bounded headless Locust run against a stack it starts (locustfiles/README.md).
 # LOADTEST_MIX weighs the user kinds; LOADTEST_ARGS go to Locust (e.g. --processes 2).

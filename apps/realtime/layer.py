@@ -31,6 +31,8 @@ from redis.exceptions import RedisError
 
 from apps.observability import metrics
 
+from .cancel import raise_if_cancelled
+
 log = logging.getLogger(__name__)
 
 BRPOP_TIMEOUT_S = 1
@@ -79,6 +81,19 @@ class ChannelLayer(RedisChannelLayer):
         """The channel's consumer is gone (its groups expire in Redis by themselves)."""
         self.memberships.pop(channel, None)
         self.rejoin_callbacks.pop(channel, None)
+
+    async def _brpop_with_clean(self, index, channel, timeout):
+        """channels_redis reads a channel in a loop of BRPOP_TIMEOUT_S reads until a
+        message comes. Under a socket timeout redis-py sends each command through
+        `asyncio.wait_for`, which on Python 3.11 can lose a cancellation (cancel.py);
+        the loop then read on forever, and the socket's consumer never ended (seen:
+        test teardowns that hung for 300 s). A lost cancellation ends the read here,
+        within one read. A message popped meanwhile is safe in channels_redis's
+        backup queue."""
+        raise_if_cancelled()
+        member = await super()._brpop_with_clean(index, channel, timeout)
+        raise_if_cancelled()
+        return member
 
     async def receive(self, channel: str) -> dict:
         while True:

@@ -18,6 +18,8 @@ from collections import defaultdict
 import redis.asyncio as aredis
 from django.conf import settings
 
+from .cancel import raise_if_cancelled
+
 log = logging.getLogger(__name__)
 
 LEASE_S = 90.0
@@ -102,6 +104,7 @@ class SocketLeases:
 
     async def renew_forever(self) -> None:
         while self.held:
+            raise_if_cancelled()
             await asyncio.sleep(LEASE_S / 3)
             try:
                 await self.renew()

@@ -38,6 +38,8 @@ from apps.pipeline.audio_store import (
     audio_store,
 )
 
+from .cancel import raise_if_cancelled
+
 log = logging.getLogger(__name__)
 
 OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -196,6 +198,7 @@ class LiveWriter:
     async def run(self) -> None:
         interval = settings.AUDIO_FLUSH_MS / 1000
         while True:
+            raise_if_cancelled()
             try:
                 await asyncio.wait_for(self.wake.wait(), interval * (1 + min(self.failures, 9)))
             except TimeoutError:

@@ -41,6 +41,8 @@ from apps.pipeline.dispatch import enqueue
 from apps.pipeline.tasks import transcribe_window_task
 from apps.pipeline.values import UtteranceWindow
 
+from .cancel import raise_if_cancelled
+
 log = logging.getLogger(__name__)
 
 CLAIM_TTL_S = 120
@@ -160,6 +162,7 @@ async def sweep_forever() -> None:
         return  # one process holds all the live state: if it died, so did it
     sweeper = Sweeper(store)
     while True:
+        raise_if_cancelled()
         await asyncio.sleep(settings.LIVE_SWEEP_S)
         try:
             await database_sync_to_async(sweeper.sweep)()
