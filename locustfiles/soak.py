@@ -14,7 +14,8 @@ sent (their --sent-log) is counted against Postgres:
   is a stored row (lost: sent but not stored);
 - every utterance a client heard end (`speech.end`) has a stored final, or was
   answered `transcript.empty` (lost: neither);
-- every stored user turn has a stored reply, and none is left `streaming`.
+- every stored user turn has a stored reply, and none is left `streaming` (a turn
+  stored in the run's last turn timeout is counted apart: its client stopped).
 
 Prints a table, writes `<out>/soak.json` (and docs/benchmarks/soak.json with
 --record), and exits 1 if anything was lost. Error rate: Locust's failed requests
@@ -32,6 +33,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +45,7 @@ from locustfiles import run, summary  # noqa: E402
 SOAK_DATABASE = "parley_soak"
 RECORD = ROOT / "docs" / "benchmarks" / "soak.json"
 SAMPLE_EVERY_S = 10.0
+TURN_TIMEOUT_S = 60  # Locust's --turn-timeout default (common.py)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -106,8 +109,9 @@ class Stored:
 
     messages: dict[str, str]  # message id -> role ("user" or "assistant")
     utterances: set[str]  # utterance ids with a stored final segment
-    unanswered: int  # user turns with no reply stored after them
+    unanswered: int  # user turns with no reply stored after them, stored before the cutoff
     streaming: int  # replies still `streaming`
+    in_flight_at_end: int = 0  # the same, stored in the run's last turn timeout
 
 
 @dataclass
@@ -121,6 +125,7 @@ class Account:
     empty: int = 0
     unanswered: int = 0
     streaming: int = 0
+    in_flight_at_end: int = 0  # not a loss: its client stopped; a reconnect answers it
 
     @property
     def lost(self) -> int:
@@ -146,6 +151,7 @@ def account(sent: list[dict], stored: Stored) -> Account:
         empty=len(ended & empty),
         unanswered=stored.unanswered,
         streaming=stored.streaming,
+        in_flight_at_end=stored.in_flight_at_end,
     )
 
 
@@ -156,8 +162,11 @@ def sent_read(folder: Path) -> list[dict]:
     return records
 
 
-def stored_read(conversation_ids: set[str]) -> Stored:
-    """Django is set up by the caller, on the soak's database."""
+def stored_read(conversation_ids: set[str], cutoff: datetime) -> Stored:
+    """Django is set up by the caller, on the soak's database. A user turn with no
+    reply counts as lost when it was stored before `cutoff` (the run's end less a
+    turn timeout); one stored later was in flight when its client stopped (the
+    server answers it when the client reconnects, socket_resume)."""
     from apps.conversations.models import Message, TranscriptSegment
 
     rows = Message.objects.filter(conversation_id__in=conversation_ids)
@@ -166,18 +175,23 @@ def stored_read(conversation_ids: set[str]) -> Stored:
         TranscriptSegment.objects.filter(conversation_id__in=conversation_ids)
         .values_list("utterance_id", flat=True)
     )  # fmt: skip
-    unanswered = 0
+    unanswered = in_flight = 0
     for conversation_id in conversation_ids:
-        roles = list(
+        turns = list(
             Message.objects.filter(conversation_id=conversation_id)
-            .order_by("seq").values_list("role", flat=True)
+            .order_by("seq").values_list("role", "created_at")
         )  # fmt: skip
-        unanswered += sum(
-            1 for n, role in enumerate(roles)
-            if role == Message.Role.USER and Message.Role.ASSISTANT not in roles[n + 1 :]
-        )  # fmt: skip
+        for n, (role, created_at) in enumerate(turns):
+            if role != Message.Role.USER or any(
+                later == Message.Role.ASSISTANT for later, _ in turns[n + 1 :]
+            ):
+                continue
+            if created_at < cutoff:
+                unanswered += 1
+            else:
+                in_flight += 1
     streaming = rows.filter(role=Message.Role.ASSISTANT, status=Message.Status.STREAMING).count()
-    return Stored(messages, {u for u in utterances if u}, unanswered, streaming)
+    return Stored(messages, {u for u in utterances if u}, unanswered, streaming, in_flight)
 
 
 # --- Memory ----------------------------------------------------------------------------
@@ -215,6 +229,8 @@ class Sampler(threading.Thread):
                 try:
                     rss = stack.rss_bytes(pid)
                 except OSError:
+                    continue
+                if not rss:  # killed, not yet reaped: a zombie has no memory
                     continue
                 key = f"{name} (pid {pid})"
                 self.samples.setdefault(key, []).append((time.monotonic() - self.started, rss))
@@ -329,6 +345,7 @@ def soak(args: argparse.Namespace, out: Path, sent_dir: Path, procs: list) -> di
     )  # fmt: skip
     users_file = str(out / "users.json")
     code = run.locust_run(run.locust_command(locust, built.web.origin, users_file, out), out)
+    cutoff = datetime.now(UTC) - timedelta(seconds=TURN_TIMEOUT_S)
     injector.join(timeout=120)
     time.sleep(args.settle)
     sampler.done.set()
@@ -338,7 +355,8 @@ def soak(args: argparse.Namespace, out: Path, sent_dir: Path, procs: list) -> di
 
     django.setup()
     sent = sent_read(sent_dir)
-    tally = account(sent, stored_read({r["conversation"] for r in sent if r["conversation"]}))
+    conversations = {r["conversation"] for r in sent if r["conversation"]}
+    tally = account(sent, stored_read(conversations, cutoff))
     stats = out / f"{run.PREFIX}_stats.csv"
     rows = summary.rows_read(stats) if stats.exists() else []
     total = next((r for r in rows if r.name == "Aggregated"), None)
@@ -366,12 +384,19 @@ def soak(args: argparse.Namespace, out: Path, sent_dir: Path, procs: list) -> di
 
 
 def _memory(samples: list[tuple[float, int]]) -> dict:
+    """RSS first and last, and its slope over the whole run and over its second half
+    (the first minutes include warming up: model caches, pools, the allocator's arenas)."""
     return {
         "first_mb": round(samples[0][1] / 1e6, 1),
         "last_mb": round(samples[-1][1] / 1e6, 1),
         "samples": len(samples),
         "growth_mb_per_hour": _round(slope_per_hour(samples)),
+        "second_half_growth_mb_per_hour": _round(slope_per_hour(samples[len(samples) // 2 :])),
     }
+
+
+def _rate(mb_per_hour: float | None) -> str:
+    return "n/a" if mb_per_hour is None else f"{mb_per_hour:+.1f} MB/h"
 
 
 def _round(value: float | None) -> float | None:
@@ -394,6 +419,7 @@ def print_report(report: dict) -> None:
           f"   ({a['empty']} heard as silence)")  # fmt: skip
     print(f" user turns with no reply   {'':>11}   {a['unanswered']}")
     print(f" replies left streaming     {'':>11}   {a['streaming']}")
+    print(f" (turns in flight at the end, answered on reconnect: {a['in_flight_at_end']})")
     print("\n process                         RSS first → last     growth")
     for name, m in report["memory"].items():
         growth = (

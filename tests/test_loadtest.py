@@ -106,6 +106,10 @@ def test_loadtest_seed_makes_accounts_that_sign_in_and_new_passwords_each_run(
     assert [row["username"] for row in first] == ["lt-0001", "lt-0002"]
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert authenticate(username="lt-0001", password=first[0]["password"]) is not None
+    from apps.accounts.models import User
+
+    user = User.objects.get(username="lt-0001")
+    assert (user.audio_seconds_quota, user.tokens_quota) == (0, 0)  # unlimited
     call_command("loadtest_seed", users=1, out=str(path), prefix="lt-")
     second = json.loads(path.read_text())["users"]
     assert second[0]["password"] != first[0]["password"]

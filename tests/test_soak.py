@@ -97,3 +97,27 @@ def test_bad_options_are_refused_with_the_reason(args, message, capsys):
         soak.parse_args(args)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_turn_left_without_a_reply_is_lost_unless_its_client_stopped_at_the_end(db):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from apps.conversations.models import Message
+    from apps.conversations.tests.factories import ConversationFactory, MessageFactory
+
+    cutoff = timezone.now() - timedelta(seconds=60)
+    answered, lost, in_flight = (ConversationFactory() for _ in range(3))
+    MessageFactory(conversation=answered, role=Message.Role.USER)
+    MessageFactory(conversation=answered, role=Message.Role.ASSISTANT,
+                   status=Message.Status.STREAMING)  # fmt: skip
+    MessageFactory(conversation=lost, role=Message.Role.USER)
+    MessageFactory(conversation=in_flight, role=Message.Role.USER)
+    old = timezone.now() - timedelta(minutes=5)
+    Message.objects.exclude(conversation=in_flight).update(created_at=old)
+
+    stored = soak.stored_read({str(c.pk) for c in (answered, lost, in_flight)}, cutoff)
+
+    assert (stored.unanswered, stored.in_flight_at_end, stored.streaming) == (1, 1, 1)
+    assert len(stored.messages) == 4

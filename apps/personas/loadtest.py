@@ -32,7 +32,9 @@ class LoadtestAccount:
 @transaction.atomic
 def loadtest_users_seed(*, count: int, prefix: str = LOADTEST_PREFIX) -> list[LoadtestAccount]:
     """`count` users named `<prefix>0001`…, created or refreshed, each given a new
-    random password and a new conversation with a published persona (in turn)."""
+    random password and a new conversation with a published persona (in turn).
+    Their quotas are unlimited: a long run measures the stack, not the quota (a
+    10-minute `make soak` ran its typing users out of reply tokens)."""
     if count < 1:
         raise LoadtestSeedError(f"--users must be at least 1, not {count}")
     if not prefix or len(prefix) > 100:
@@ -51,7 +53,8 @@ def loadtest_users_seed(*, count: int, prefix: str = LOADTEST_PREFIX) -> list[Lo
         )
         password = secrets.token_urlsafe(18)
         user.set_password(password)
-        user.save(update_fields=["password"])
+        user.audio_seconds_quota = user.tokens_quota = 0  # 0: unlimited
+        user.save(update_fields=["password", "audio_seconds_quota", "tokens_quota"])
         conversation = conversation_start(user=user, persona=personas[(n - 1) % len(personas)])
         accounts.append(LoadtestAccount(username, password, str(conversation.id)))
     return accounts

@@ -11,7 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from django.db import InterfaceError, OperationalError
+from django_redis.exceptions import ConnectionInterrupted
 from prometheus_client import REGISTRY
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from apps.observability.health import HealthProbes, Readiness
 from tests import live
@@ -251,3 +255,28 @@ def test_healthz_lives_and_readyz_fails_then_recovers_while_postgres_and_redis_g
             time.sleep(0.3)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    "error, status",
+    [
+        (OperationalError("could not connect"), 503),
+        (InterfaceError("connection already closed"), 503),
+        (RedisConnectionError("Error 111 connecting"), 503),
+        (RedisTimeoutError("Timeout reading"), 503),
+        (ConnectionInterrupted(connection=None), 503),  # django_redis: the cache or sessions
+        (ValueError("a bug"), 500),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, Exception) else str(v),
+)
+def test_an_unreachable_database_or_redis_is_a_503_and_a_bug_a_500(rf, error, status):
+    from apps.observability.views import server_error
+
+    try:
+        raise error
+    except Exception:
+        response = server_error(rf.get("/conversations/"))
+
+    assert response.status_code == status
+    if status == 503:
+        assert response["Retry-After"] == "2" and b"briefly unavailable" in response.content
