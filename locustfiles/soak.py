@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -275,10 +276,9 @@ def stack_start(args: argparse.Namespace, out: Path, procs: list) -> SoakStack:
 
     from benchmarks import density, latency, stack
 
-    persist = out / "redis"
-    persist.mkdir(exist_ok=True)
-    for old in persist.iterdir():
-        old.unlink()
+    persist = out / "redis"  # the append-only file of the last run's Redis goes
+    shutil.rmtree(persist, ignore_errors=True)
+    persist.mkdir()
     redis = stack.redis_start(persist_dir=persist)
     procs.append(redis.proc)
     stack.services_up()
