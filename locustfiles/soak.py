@@ -420,12 +420,12 @@ def print_report(report: dict) -> None:
     print(f" user turns with no reply   {'':>11}   {a['unanswered']}")
     print(f" replies left streaming     {'':>11}   {a['streaming']}")
     print(f" (turns in flight at the end, answered on reconnect: {a['in_flight_at_end']})")
-    print("\n process                         RSS first → last     growth")
+    print("\n process                         RSS first → last       growth  (second half)")
     for name, m in report["memory"].items():
-        growth = (
-            "n/a" if m["growth_mb_per_hour"] is None else f"{m['growth_mb_per_hour']:+.1f} MB/h"
+        whole, half = (
+            _rate(m[k]) for k in ("growth_mb_per_hour", "second_half_growth_mb_per_hour")
         )
-        print(f" {name:<30} {m['first_mb']:>7.1f} → {m['last_mb']:>7.1f} MB  {growth}")
+        print(f" {name:<30} {m['first_mb']:>7.1f} → {m['last_mb']:>7.1f} MB  {whole}  ({half})")
     print(f"\n{'NOTHING LOST' if not a['lost'] else 'LOST: ' + str(a['lost'])}")
 
 
