@@ -140,10 +140,11 @@ def run(args, procs: list) -> dict:
 
     demo_seed()
     clips = sorted(english_clips())[: args.clips]
+    users = density.users_create(env, 2 * args.speakers, "ada")  # a set for each variant
     variants = {}
-    for bound in (args.bound, 0):
-        users = density.users_create(env, args.speakers, "ada")
-        variants["admission" if bound else "none"] = variant_run(bound, args, env, users, clips,
+    for n, bound in enumerate((args.bound, 0)):
+        own = users[n * args.speakers : (n + 1) * args.speakers]
+        variants["admission" if bound else "none"] = variant_run(bound, args, env, own, clips,
                                                                  procs)  # fmt: skip
     return {
         "benchmark": "overload",
