@@ -160,6 +160,15 @@ def generous_limits(settings):
 
 
 @pytest.fixture(autouse=True)
+def fresh_quota_ledger():
+    """Each test starts with no quota counters: the test database reuses user ids (SQLite
+    rolls its sequences back), and a run's fresh database those of an earlier run."""
+    from apps.accounts.ledger import ledger
+
+    ledger().clear_sync()
+
+
+@pytest.fixture(autouse=True)
 def fresh_channel_layer():
     """Each test its own channel layer object. A layer lives as long as its process
     and binds its receive state to the one loop that receives (channels_redis counts

@@ -92,10 +92,15 @@ async def _session_cost(frames: list[bytes], repeat: int) -> float:
         user_id=1,
         persona={},
         engines=PersonaEngines(stt="faster_whisper", llm="echo", tts="espeak"),
-        quota_problem="",
+        audio_seconds_per_day=600,  # a limited user: each frame counts its speech
+        tokens_per_day=50_000,
     )
     session = Session(
-        context, send_event=nothing, send_bytes=nothing, send_error=nothing, spawn=lambda c: None
+        context,
+        send_event=nothing,
+        send_bytes=nothing,
+        send_error=nothing,
+        spawn=asyncio.ensure_future,  # the quota's reservations (the process's own ledger)
     )
     session.resume.greeted = True
     session.limits.audio_ms.bucket.burst = session.limits.audio_ms.bucket.tokens = 1e12

@@ -392,7 +392,6 @@ LIVE_AUDIO_KEEP_S = env_float("LIVE_AUDIO_KEEP_S", 10.0)
 # One bounded async Redis pool per process: a burst waits for a connection.
 REDIS_POOL_MAX = env_int("REDIS_POOL_MAX", 32)
 REDIS_POOL_TIMEOUT_S = env_float("REDIS_POOL_TIMEOUT_S", 2.0)
-QUOTA_REFRESH_S = env_float("QUOTA_REFRESH_S", 30.0)  # a socket re-reads the user's quota
 # Report event-loop callbacks that block for longer than this (0: off); see
 # apps/observability/loopguard.py. The tests turn it on in every live server.
 LOOP_GUARD_MS = env_int("LOOP_GUARD_MS", 0)
@@ -445,9 +444,12 @@ WS_IDLE_TIMEOUT_S = env_float("WS_IDLE_TIMEOUT_S", 300.0)
 WS_SESSION_MAX_S = env_float("WS_SESSION_MAX_S", 4 * 3600.0)
 WS_REPLAY_MAX_TURNS = env_int("WS_REPLAY_MAX_TURNS", 200)  # a hello replays the newest ones
 
-# Default quotas for new users (0 means unlimited)
-QUOTA_AUDIO_SECONDS = env_int("QUOTA_AUDIO_SECONDS", 3600)
-QUOTA_TOKENS = env_int("QUOTA_TOKENS", 200_000)
+# Daily quotas of new accounts, small until staff raise them (0 means unlimited); a
+# socket reserves speaking time in chunks of QUOTA_AUDIO_CHUNK_S (apps/accounts/ledger.py).
+QUOTA_AUDIO_SECONDS = env_int("QUOTA_AUDIO_SECONDS", 600)
+QUOTA_TOKENS = env_int("QUOTA_TOKENS", 50_000)
+QUOTA_AUDIO_CHUNK_S = env_float("QUOTA_AUDIO_CHUNK_S", 30.0)
+QUOTA_REPLY_MIN_TOKENS = env_int("QUOTA_REPLY_MIN_TOKENS", 32)  # a shorter reply fits what is left
 # What turns cost (apps/conversations/costs.py): JSON over the defaults there, per stage
 # (stt, llm, tts) and engine kind, e.g. {"llm": {"openai": {"in_per_1m": 2.5, "out_per_1m": 10}}}.
 # Malformed: no process starts.

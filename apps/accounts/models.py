@@ -12,12 +12,15 @@ def default_token_quota() -> int:
 
 
 class User(AbstractUser):
-    """A person who talks with personas. Quotas of 0 mean unlimited."""
+    """A person who talks with personas. Quotas are per UTC day (apps/accounts/ledger.py);
+    0 means unlimited. New accounts get the small defaults of settings; staff raise them."""
 
-    audio_seconds_quota = models.PositiveIntegerField(default=default_audio_quota)
-    tokens_quota = models.PositiveIntegerField(default=default_token_quota)
-    audio_seconds_used = models.FloatField(default=0)
-    tokens_used = models.PositiveIntegerField(default=0)
+    audio_seconds_quota = models.PositiveIntegerField(
+        "speaking seconds per day", default=default_audio_quota, help_text="0 is unlimited."
+    )
+    tokens_quota = models.PositiveIntegerField(
+        "reply tokens per day", default=default_token_quota, help_text="0 is unlimited."
+    )
 
     _loaded_auth: tuple[str | None, bool | None] | None = None  # as loaded (from_db)
 
@@ -44,22 +47,21 @@ class User(AbstractUser):
             reason = "deactivated" if deactivated else "password_changed"
             user_sockets_end(user_id=self.pk, reason=reason)
 
-    def quota_problem(self) -> str:
-        """Why this user may not talk now, or an empty string."""
-        if self.audio_seconds_quota and self.audio_seconds_used >= self.audio_seconds_quota:
-            return "You have used all of your speaking minutes."
-        if self.tokens_quota and self.tokens_used >= self.tokens_quota:
-            return "You have used all of your reply tokens."
-        return ""
 
-    @property
-    def audio_seconds_left(self) -> float | None:
-        if not self.audio_seconds_quota:
-            return None
-        return max(0.0, self.audio_seconds_quota - self.audio_seconds_used)
+class DailyUsage(models.Model):
+    """What one user used on one UTC day: speech transcribed and reply tokens.
+    Written in the same transaction as the turn that used it; the live quota
+    counters (ledger.py) start from it."""
 
-    @property
-    def tokens_left(self) -> int | None:
-        if not self.tokens_quota:
-            return None
-        return max(0, self.tokens_quota - self.tokens_used)
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="daily_usage")
+    day = models.DateField()
+    audio_seconds = models.FloatField(default=0)
+    tokens = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "day"], name="daily_usage_once")]
+        ordering = ["-day"]
+        verbose_name_plural = "daily usage"
+
+    def __str__(self) -> str:
+        return f"{self.user_id} on {self.day}"

@@ -5,6 +5,7 @@ from django.shortcuts import redirect, render
 from apps.conversations.selectors import cost_by_conversation_for_user, cost_totals_for_user
 
 from .forms import SignUpForm
+from .services import usage_days, usage_today
 
 
 def signup(request):
@@ -17,13 +18,17 @@ def signup(request):
 
 
 USAGE_RECENT_CONVERSATIONS = 20
+USAGE_RECENT_DAYS = 14
 
 
 @login_required
 def usage(request):
     user_id = request.user.pk
+    days = usage_days(user_id=user_id, size=USAGE_RECENT_DAYS)
     context = {
         "account": request.user,
+        "today": usage_today(user=request.user, days=days),
+        "days": days,
         "totals": cost_totals_for_user(user_id=user_id),
         "recent": cost_by_conversation_for_user(user_id=user_id, size=USAGE_RECENT_CONVERSATIONS),
         "recent_size": USAGE_RECENT_CONVERSATIONS,

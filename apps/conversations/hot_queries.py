@@ -25,8 +25,9 @@ from django.shortcuts import get_object_or_404
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from apps.accounts.ledger import seed_read, today
 from apps.accounts.models import User
-from apps.accounts.services import user_quota_problem
+from apps.accounts.services import usage_days
 from apps.personas.models import Persona
 from apps.personas.selectors import persona_list_published
 from apps.pipeline.services import reply_prepare
@@ -199,7 +200,11 @@ def _paths(seeded: Seeded) -> list[tuple[str, Callable[[], object]]]:
             lambda: socket_resume(conversation_id=cid, resume_from=seeded.last_seq + 2),
         ),
         ("hello: socket_resume from 0", lambda: socket_resume(conversation_id=cid, resume_from=0)),
-        ("quota refresh: user_quota_problem", lambda: user_quota_problem(user_id=user.pk)),
+        (
+            "quota seed: seed_read (a ledger counter Redis lost)",
+            lambda: seed_read(user_id=user.pk, day=today(), kind="tokens"),
+        ),
+        ("page /accounts/usage/: usage_days", lambda: usage_days(user_id=user.pk, size=14)),
         ("page /: the gallery", lambda: list(persona_list_published())),
         (
             "page /conversations/: history, first page",

@@ -92,13 +92,6 @@ def _statement() -> AbstractContextManager:
     return transaction.atomic() if connection.in_atomic_block else nullcontext()
 
 
-def _user_of(conversation_id: UUID) -> Subquery:
-    """The conversation's user, as a subquery of the statement that needs it."""
-    return Subquery(
-        Conversation.objects.filter(pk=conversation_id).order_by().values("user_id")[:1]
-    )
-
-
 def _on_commit_stored(message: Message) -> None:
     # robust: a cache that misbehaves never keeps the event from the sockets
     transaction.on_commit(lambda: context.turn_stored(message=message), robust=True)
@@ -230,7 +223,7 @@ def transcript_finalize(
                 confidence=confidence,
                 provider=provider,
             )
-            usage_add(user_id=_user_of(conversation_id), audio_seconds=audio_seconds)
+            usage_add(conversation_id=conversation_id, audio_seconds=audio_seconds)
             _on_commit_stored(message)
             publish_on_commit(
                 conversation_id,
@@ -348,7 +341,7 @@ def reply_finish(
             setattr(reply, name, value)
         if prompt_tokens + completion_tokens:
             usage_add(
-                user_id=_user_of(reply.conversation_id), tokens=prompt_tokens + completion_tokens
+                conversation_id=reply.conversation_id, tokens=prompt_tokens + completion_tokens
             )
         type_ = "reply.interrupted" if status == Message.Status.INTERRUPTED else "reply.done"
         _on_commit_stored(reply)

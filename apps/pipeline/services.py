@@ -2,15 +2,17 @@
 (both run on workers), and stream a reply (runs on the web process's loop)."""
 
 import asyncio
+import datetime as dt
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from uuid import UUID
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 
+from apps.accounts.ledger import TOKENS_USED, quota_adjust, quota_reserve, today
 from apps.conversations.context import conversation_context
 from apps.conversations.models import Conversation, Message, TranscriptSegment
 from apps.conversations.selectors import history_for_reply
@@ -35,6 +37,8 @@ from .providers.base import (
     ReplyUsage,
     SpeechChunk,
     Transcript,
+    approx_tokens,
+    prompt_text,
     usage_or_estimate,
 )
 from .providers.registry import llm_get, tts_get
@@ -339,6 +343,51 @@ class ReplyPlan:
     message: Message  # the reply's turn, reserved (streaming)
     request: ReplyRequest
     engines: PersonaEngines
+    user_id: int
+    tokens_reserved: int = 0  # of the user's daily quota (ledger.py), settled when stored
+    tokens_day: dt.date | None = None
+
+
+class QuotaExceeded(Exception):
+    pass
+
+
+async def _tokens_reserve(plan: ReplyPlan, tokens_per_day: int) -> None:
+    """Reserve the most this reply can cost (its prompt and max_tokens) before the
+    LLM is called. A user with less left gets a shorter reply (max_tokens cut to
+    what is left), down to QUOTA_REPLY_MIN_TOKENS; below that, none."""
+    if not tokens_per_day:
+        return
+    request = plan.request
+    prompt = approx_tokens(prompt_text(request))
+    plan.tokens_day = today()
+    try:
+        granted = await quota_reserve(
+            user_id=plan.user_id,
+            kind="tokens",
+            amount=prompt + request.max_tokens,
+            limit=tokens_per_day,
+        )
+    except Exception as exc:  # the ledger is away: the reply goes on, persisted as usual
+        log.warning("reply tokens not reserved: %r", exc)
+        return
+    plan.tokens_reserved = granted
+    if granted - prompt < settings.QUOTA_REPLY_MIN_TOKENS:
+        raise QuotaExceeded
+    if granted - prompt < request.max_tokens:
+        plan.request = replace(request, max_tokens=granted - prompt)
+
+
+async def _tokens_settle(plan: ReplyPlan, used: int) -> None:
+    if plan.tokens_day is None or used == plan.tokens_reserved:
+        return
+    try:
+        await quota_adjust(
+            user_id=plan.user_id, kind="tokens", delta=used - plan.tokens_reserved,
+            day=plan.tokens_day,
+        )  # fmt: skip
+    except Exception as exc:  # the counter is seeded from the stored figure after a reset
+        log.warning("reply tokens not settled: %r", exc)
 
 
 def reply_prepare(*, conversation_id: UUID) -> ReplyPlan:
@@ -364,7 +413,7 @@ def reply_prepare(*, conversation_id: UUID) -> ReplyPlan:
         temperature=persona.temperature,
         max_tokens=persona.max_tokens,
     )
-    return ReplyPlan(message=message, request=request, engines=engines)
+    return ReplyPlan(message=message, request=request, engines=engines, user_id=found.user_id)
 
 
 @dataclass
@@ -390,12 +439,14 @@ async def reply_run(
     state: ReplyState,
     speak: bool = True,
     on_begin=None,
+    tokens_per_day: int = 0,
 ) -> None:
     """Stream the persona's reply: tokens to the sockets as they come, each
     finished sentence to the TTS queue, the whole reply stored at the end.
     Cancelling the task (a stop) stores what was said, marked interrupted,
     and skips its sentences still queued for TTS. `on_begin(reply_id)` is
-    called once the reply's message exists."""
+    called once the reply's message exists. The reply's tokens are reserved
+    from the user's daily quota first (`tokens_per_day`; 0: unlimited)."""
     preparing = asyncio.ensure_future(
         database_sync_to_async(reply_prepare)(conversation_id=conversation_id)
     )
@@ -440,6 +491,7 @@ async def reply_run(
             state.sentences += 1
 
     try:
+        await _tokens_reserve(plan, tokens_per_day)
         stream = llm_get(plan.engines.llm).stream_reply(plan.request)
         usage = stream.usage
         async for delta in stream.deltas:
@@ -453,6 +505,9 @@ async def reply_run(
         speak_sentences(splitter.flush())
     except asyncio.CancelledError:
         status = Message.Status.INTERRUPTED
+    except QuotaExceeded:
+        status, error_code = Message.Status.FAILED, "quota_exceeded"
+        await apublish(conversation_id, event("error", code=error_code, message=TOKENS_USED))
     except ProviderError as exc:
         # Cut short after some text: stored as interrupted, with what was said and why.
         status = Message.Status.INTERRUPTED if state.text else Message.Status.FAILED
@@ -498,6 +553,7 @@ async def _reply_store(plan, state, status, error_code, usage, first_ms, final_a
         audio_parts=state.sentences,
         tts_kind=plan.engines.tts,
     )
+    await _tokens_settle(plan, usage.prompt_tokens + usage.completion_tokens)
 
 
 def enqueue_tts(sentence: SentenceToSpeak) -> None:

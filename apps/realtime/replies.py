@@ -62,7 +62,9 @@ class ReplyRunner:
             layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
         self.layer = layer
 
-    async def start(self, *, conversation_id: str, live: LiveWriter, on_begin) -> RunningReply:
+    async def start(
+        self, *, conversation_id: str, live: LiveWriter, on_begin, tokens_per_day: int = 0
+    ) -> RunningReply:
         layer = self.layer
         if not self.channel:
             self.channel = await layer.new_channel("replies.")
@@ -76,17 +78,19 @@ class ReplyRunner:
             live.reply_open(reply_id=reply_id, conversation_id=conversation_id)
             on_begin(reply_id)
 
-        reply.task = asyncio.get_running_loop().create_task(self.run(reply, begun))
+        run = self.run(reply, begun, tokens_per_day)
+        reply.task = asyncio.get_running_loop().create_task(run)
         self.running[conversation_id].append(reply)
         return reply
 
-    async def run(self, reply: RunningReply, begun) -> None:
+    async def run(self, reply: RunningReply, begun, tokens_per_day: int) -> None:
         try:
             await reply_run(
                 conversation_id=UUID(reply.conversation_id),
                 final_at=reply.started_at,
                 state=reply.state,
                 on_begin=begun,
+                tokens_per_day=tokens_per_day,
             )
         except asyncio.CancelledError:
             pass  # stopped: reply_run stored what was said
@@ -141,8 +145,10 @@ class ReplyController:
         audio: AudioSequencer,
         send: Callable[[dict], Awaitable[None]],
         spawn: Callable[[Coroutine], asyncio.Task],
+        tokens_per_day: int = 0,
     ) -> None:
         self.conversation_id = str(conversation_id)
+        self.tokens_per_day = tokens_per_day  # the user's daily quota (0: unlimited)
         self.live = live
         self.audio = audio
         self.send = send
@@ -153,8 +159,9 @@ class ReplyController:
         """Reply to the user's turn, unless another socket already does."""
         if await reply_claim(user_message_id=message_id):
             self.last = await reply_runner().start(
-                conversation_id=self.conversation_id, live=self.live, on_begin=self.audio.known
-            )
+                conversation_id=self.conversation_id, live=self.live, on_begin=self.audio.known,
+                tokens_per_day=self.tokens_per_day,
+            )  # fmt: skip
 
     def answer_later(self, message_id: str) -> None:
         """A final this socket did not hear: answer it if its speaker's socket

@@ -1,13 +1,13 @@
 """What a socket needs from the system of record, in one call each: who may
-join which conversation (with the persona's engines and the user's quota),
+join which conversation (with the persona's engines and the user's quotas),
 and what a (re)connecting socket is sent. Run on a database thread
 (`database_sync_to_async`); never on a frame.
 
 socket_open reads the conversation and its persona from the context cache
-(apps/conversations/context.py: no query on a hit) and the quota from the user
-the session loaded; socket_resume runs one query (the turns to replay and the
-last turn together). The quota is not cached: it changes with every turn, and
-QuotaGate already reads it at most every QUOTA_REFRESH_S."""
+(apps/conversations/context.py: no query on a hit) and the quotas from the user
+the session loaded (what is left of them is in the ledger, apps/accounts/
+ledger.py); socket_resume runs one query (the turns to replay and the last
+turn together)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ class SocketContext:
     user_id: int
     persona: dict[str, str]  # name, slug, avatar: shown by clients
     engines: PersonaEngines
-    quota_problem: str  # why the user may not talk now, or ""
+    audio_seconds_per_day: int  # the user's daily quotas (0: unlimited), as loaded
+    tokens_per_day: int
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ def socket_open(*, conversation_id: UUID, user) -> tuple[SocketContext | None, s
                 "avatar_url": reverse("persona_avatar", args=[persona.slug]),
             },
             engines=PersonaEngines.of(persona),
-            quota_problem=user.quota_problem(),
+            audio_seconds_per_day=user.audio_seconds_quota,
+            tokens_per_day=user.tokens_quota,
         ),
         "",
     )

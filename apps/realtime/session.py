@@ -2,8 +2,9 @@
 and runs what the client asks for. SpeechIngest owns the utterances,
 ReplyController the replies (and the one way to stop them), AudioSequencer
 the reply audio going out, ResumeGate what a (re)connecting socket is sent,
-QuotaGate the user's quota. The consumer (consumers.py) is the transport:
-it parses, routes and sends; this module decides."""
+QuotaGate this socket's share of the user's daily quotas. The consumer
+(consumers.py) is the transport: it parses, routes and sends; this module
+decides."""
 
 from __future__ import annotations
 
@@ -54,16 +55,21 @@ class Session:
         )  # fmt: skip
         self.replies = ReplyController(
             conversation_id=context.conversation_id, live=live, audio=self.audio,
-            send=send_event, spawn=spawn,
+            send=send_event, spawn=spawn, tokens_per_day=context.tokens_per_day,
         )  # fmt: skip
-        self.quota = QuotaGate(user_id=context.user_id, problem=context.quota_problem, spawn=spawn)
+        self.quota = QuotaGate(
+            user_id=context.user_id, audio_seconds_per_day=context.audio_seconds_per_day,
+            tokens_per_day=context.tokens_per_day, spawn=spawn,
+        )  # fmt: skip
+        self.quota.top_up()  # the first chunk of speaking time, before the user speaks
         self.speech = SpeechIngest(
             conversation_id=context.conversation_id,
             stt_kind=context.engines.stt,
             live=live,
             send=send_event,
             report=lambda code, text: spawn(send_error(code, text)),
-            may_start=self.quota.check,
+            may_start=self.quota.may_start,
+            spend=self.quota.spend,
             started=self.replies.stop_everywhere,  # barge-in
             finalized=self.replies.answer,  # a final made here: its reply starts at once
         )
@@ -76,6 +82,7 @@ class Session:
         at each other: left to the cycle collector, hundreds of closing sockets
         make one long pause for every other socket)."""
         await self.speech.close()
+        await self.quota.give_back()
         self.__dict__.clear()
 
     # --- from the client -------------------------------------------------------
@@ -130,8 +137,7 @@ class Session:
             await self.replies.answer(resume.unanswered_id)
 
     async def text(self, text: str) -> None:
-        await self.quota.refresh()  # a typed turn writes anyway: read the quota fresh
-        self.quota.check()
+        await self.quota.check_tokens()
         await self.replies.stop_everywhere()
         message = await database_sync_to_async(text_message_add)(
             conversation_id=self.context.conversation_id, text=text

@@ -18,6 +18,7 @@ from typing import Literal
 
 from django.conf import settings
 
+from apps.accounts.ledger import AUDIO_USED
 from apps.pipeline.audio_store import utterance_key
 from apps.pipeline.dispatch import enqueue
 from apps.pipeline.services import final_requested_key, utterance_finalize_from_candidate
@@ -57,7 +58,8 @@ class SpeechIngest:
         live: LiveWriter,
         send: Callable[[dict], Awaitable[None]],
         report: Callable[[str, str], object],
-        may_start: Callable[[], None],
+        may_start: Callable[[], Awaitable[None]],
+        spend: Callable[[float], bool],
         started: Callable[[], Awaitable[None]],
         finalized: Callable[[str], Awaitable[None]],
     ) -> None:
@@ -67,6 +69,7 @@ class SpeechIngest:
         self.send = send
         self.report = report  # (code, message): an error for the client, sent soon
         self.may_start = may_start  # raises to refuse an utterance (quota)
+        self.spend = spend  # counts speech (ms) against the quota; False: used up
         self.started = started  # after speech.start is sent (barge-in)
         self.finalized = finalized  # a final stored here (message id): reply to it
         self.endpointer = Endpointer(
@@ -92,6 +95,8 @@ class SpeechIngest:
         if not happened:
             if self.utterance is not None:
                 self.append(self.utterance, data)
+                if not self.spend(frame_ms):
+                    await self.quota_end()
             return
         for start in (h for h in happened if h.kind == "start"):
             await self.start(start.audio, frame_ms)
@@ -101,9 +106,17 @@ class SpeechIngest:
             self.transcribe(self.utterance, purpose="candidate")
         for end in (h for h in happened if h.kind == "end"):
             await self.end(reason=end.reason)
+        if self.utterance is not None and not self.spend(frame_ms):
+            await self.quota_end()
+
+    async def quota_end(self) -> None:
+        """The day's speaking time ran out mid-utterance: what was said is kept."""
+        self.endpointer.force_end()
+        await self.end(reason="quota")
+        self.report("quota_exceeded", AUDIO_USED)
 
     async def start(self, preroll: bytes, frame_ms: float) -> None:
-        self.may_start()  # a refusal keeps nothing
+        await self.may_start()  # a refusal keeps nothing
         start_ms = max(0, int(self.stream_ms - frame_ms) - len(preroll) // BYTES_PER_MS)
         utterance_id = uuid.uuid4().hex
         audio = self.live.audio_open(
@@ -121,6 +134,7 @@ class SpeechIngest:
         await self.send(event("speech.start", utterance_id=utterance_id))
         await self.started()
         self.append(utterance, preroll)
+        self.spend(len(preroll) / BYTES_PER_MS)  # a share run out ends it at the next frame
 
     def append(self, utterance: Utterance, data: bytes) -> None:
         if not data:

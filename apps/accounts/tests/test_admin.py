@@ -10,7 +10,7 @@ from django.test.utils import CaptureQueriesContext
 from apps.accounts.models import User
 from apps.conversations.tests.factories import ConversationFactory, MessageFactory
 
-from .factories import UserFactory
+from .factories import UserFactory, usage_of, usage_set
 
 pytestmark = pytest.mark.django_db
 
@@ -70,7 +70,7 @@ def test_a_users_page_shows_their_total(admin_browser):
 
 def test_reset_usage_still_works_on_the_annotated_list(admin_browser):
     ada = user_costing(("0.5",))
-    User.objects.filter(pk=ada.pk).update(audio_seconds_used=30, tokens_used=99)
+    usage_set(ada, audio_seconds=30, tokens=99)
 
     response = admin_browser.post(
         "/admin/accounts/user/",
@@ -78,5 +78,4 @@ def test_reset_usage_still_works_on_the_annotated_list(admin_browser):
     )
 
     assert response.status_code == 302
-    ada.refresh_from_db()
-    assert (ada.audio_seconds_used, ada.tokens_used) == (0, 0)
+    assert usage_of(ada) == (0, 0)

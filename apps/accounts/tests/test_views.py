@@ -1,3 +1,4 @@
+import datetime as dt
 import re
 from datetime import timedelta
 from decimal import Decimal
@@ -7,12 +8,13 @@ from django.contrib.auth import SESSION_KEY
 from django.urls import reverse
 from django.utils import timezone
 
-from apps.accounts.models import User
+from apps.accounts.ledger import today
+from apps.accounts.models import DailyUsage, User
 from apps.conversations.models import Conversation
 from apps.conversations.tests.factories import ConversationFactory, MessageFactory
 from apps.personas.tests.factories import PersonaFactory
 
-from .factories import PASSWORD, UserFactory
+from .factories import PASSWORD, UserFactory, usage_set
 
 pytestmark = pytest.mark.django_db
 
@@ -189,11 +191,11 @@ def test_password_change_requires_login(client):
 # --- Usage -----------------------------------------------------------------------------
 
 
-def test_usage_shows_used_and_left_from_the_users_fields(client):
-    # given
-    user = UserFactory(
-        audio_seconds_quota=600, audio_seconds_used=125.4, tokens_quota=1000, tokens_used=321
-    )
+def test_usage_shows_todays_use_and_what_is_left_of_the_daily_quotas(client):
+    # given what the user used today and on an earlier day
+    user = UserFactory(audio_seconds_quota=600, tokens_quota=1000)
+    usage_set(user, audio_seconds=125.4, tokens=321)
+    DailyUsage.objects.create(user=user, day=dt.date(2026, 11, 30), audio_seconds=7, tokens=70)
     client.force_login(user)
 
     # when
@@ -202,24 +204,34 @@ def test_usage_shows_used_and_left_from_the_users_fields(client):
     # then
     assert response.status_code == 200
     html = response.content.decode()
-    assert '<dd id="minutes-used">125.4 s' in html
+    assert '<dd id="minutes-used">125.4 s of 600 s</dd>' in html
     assert '<dd id="minutes-left">475 s</dd>' in html  # 600 - 125.4, rounded
-    assert '<dd id="tokens-used">321</dd>' in html
+    assert '<dd id="tokens-used">321 of 1000</dd>' in html
     assert '<dd id="tokens-left">679</dd>' in html
+    days = flat(html)
+    assert (
+        f'<tr id="day-{today():%Y-%m-%d}"><td>{today():%Y-%m-%d}</td><td>125.4 s</td><td>321</td>'
+        in days
+    )
+    assert '<tr id="day-2026-11-30"><td>2026-11-30</td><td>7.0 s</td><td>70</td>' in days
 
 
 def test_usage_shows_unlimited_for_zero_quotas(client):
-    client.force_login(UserFactory(audio_seconds_quota=0, tokens_quota=0, tokens_used=50))
+    user = UserFactory(audio_seconds_quota=0, tokens_quota=0)
+    usage_set(user, tokens=50)
+    client.force_login(user)
 
     html = client.get("/accounts/usage/").content.decode()
 
     assert '<dd id="minutes-left">unlimited</dd>' in html
     assert '<dd id="tokens-left">unlimited</dd>' in html
-    assert '<dd id="tokens-used">50</dd>' in html
+    assert '<dd id="tokens-used">50 of unlimited</dd>' in html
 
 
 def test_usage_left_never_goes_below_zero(client):
-    client.force_login(UserFactory(tokens_quota=100, tokens_used=150))
+    user = UserFactory(tokens_quota=100)
+    usage_set(user, tokens=150)
+    client.force_login(user)
 
     html = client.get("/accounts/usage/").content.decode()
 
@@ -312,8 +324,9 @@ def test_usage_requires_login(client):
 # --- Query budgets per page ----------------------------------------------------------------
 
 # Measured, embedded: session and user (services mode: the session from the cache, 1),
-# the user's cost totals, their recent conversations, and those conversations' sums.
-USAGE_QUERY_BUDGET = 5
+# the user's cost totals, their recent conversations, those conversations' sums, and the
+# user's last days of use (today's among them).
+USAGE_QUERY_BUDGET = 6
 
 
 def test_usage_page_stays_within_its_query_budget(client, django_assert_max_num_queries):

@@ -17,6 +17,7 @@ import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
 from apps.accounts.models import User
+from apps.accounts.tests.factories import usage_set
 from apps.conversations.models import Conversation, Message
 from apps.personas.demo import demo_seed
 from tests.audio import AUDIO_DIR, manifest, word_error_rate
@@ -310,8 +311,9 @@ def test_reconnect_mid_reply_shows_each_message_once(page):
 def test_quota_exceeded_shows_a_readable_error(page):
     # given an account that has used its reply tokens
     user = sign_up(page, "quota-user")
+    User.objects.filter(pk=user.pk).update(tokens_quota=1)  # read when the socket opens
+    usage_set(user, tokens=5)
     talk_to(page, "ada")
-    User.objects.filter(pk=user.pk).update(tokens_quota=1, tokens_used=5)
 
     # when
     send_text(page, "Are you still there?")
@@ -321,7 +323,7 @@ def test_quota_exceeded_shows_a_readable_error(page):
     expect(errors).to_be_visible()
     expect(errors.locator(".error")).to_have_count(1)
     expect(errors.locator(".error")).to_be_visible()
-    expect(errors.locator(".error")).to_contain_text("used all of your reply tokens")
+    expect(errors.locator(".error")).to_contain_text("used today's reply tokens")
     expect(errors.locator(".error")).to_have_attribute("data-code", "quota_exceeded")
     expect(page.locator("#errors[role='alert']")).to_have_count(1)
     expect(page.locator("#log li.msg[data-seq]")).to_have_count(1)  # the greeting only

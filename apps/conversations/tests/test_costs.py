@@ -14,6 +14,7 @@ import pytest
 from django.conf import settings as django_settings
 from prometheus_client import REGISTRY
 
+from apps.accounts.tests.factories import usage_of
 from apps.conversations import costs
 from apps.conversations.costs import PriceError, prices_parse
 from apps.conversations.models import Message
@@ -197,8 +198,7 @@ def test_a_voice_turn_stores_its_audio_seconds_and_their_cost(priced, conversati
     assert stored.stt_audio_seconds == 4.5
     assert stored.cost_usd == Decimal("0.00045")  # 4.5 s at $0.006 / min
     assert cost_metric("stt", "faster_whisper") - before == pytest.approx(0.00045)
-    conversation.user.refresh_from_db()
-    assert conversation.user.audio_seconds_used == 4.5  # the usage counter stays
+    assert usage_of(conversation.user)[0] == 4.5  # and the day's usage
 
 
 @pytest.mark.django_db

@@ -11,7 +11,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import IntegrityError, connections, transaction
 
-from apps.accounts.tests.factories import UserFactory
+from apps.accounts.tests.factories import UserFactory, usage_of
 from apps.conversations import services
 from apps.conversations.models import Conversation, Message, TranscriptSegment
 from apps.conversations.selectors import (
@@ -175,8 +175,7 @@ def test_transcript_finalize_stores_message_and_segment_with_the_next_seq(
 def test_transcript_finalize_counts_the_audio_seconds(conversation):
     finalize(conversation, start_ms=1000, end_ms=3750)
 
-    conversation.user.refresh_from_db()
-    assert conversation.user.audio_seconds_used == pytest.approx(2.75)
+    assert usage_of(conversation.user)[0] == pytest.approx(2.75)
 
 
 def test_transcript_final_is_published_only_after_commit(
@@ -232,8 +231,7 @@ def test_transcript_finalize_twice_changes_and_publishes_nothing(
     assert callbacks == []
     assert listener.drain() == []
     assert last_seq(conversation) == 1
-    conversation.user.refresh_from_db()
-    assert conversation.user.audio_seconds_used == pytest.approx(1.5)  # counted once
+    assert usage_of(conversation.user)[0] == pytest.approx(1.5)  # counted once
 
 
 @pytest.mark.parametrize("text", ["", "   \n "])
@@ -328,8 +326,7 @@ def test_reply_finish_complete_stores_the_reply_counts_tokens_and_publishes_done
         12,
     )
     assert (reply.final_to_first_token_ms, reply.reply_total_ms) == (120, 900)
-    conversation.user.refresh_from_db()
-    assert conversation.user.tokens_used == 42
+    assert usage_of(conversation.user)[1] == 42
     [published] = listener.drain()
     assert published["type"] == "reply.done"
     assert (published["reply_id"], published["seq"], published["text"]) == (
@@ -360,8 +357,7 @@ def test_reply_finish_interrupted_keeps_the_partial_text_and_publishes_interrupt
 
     reply.refresh_from_db()
     assert (reply.status, reply.text) == ("interrupted", "Well, I")
-    conversation.user.refresh_from_db()
-    assert conversation.user.tokens_used == 32
+    assert usage_of(conversation.user)[1] == 32
     [published] = listener.drain()
     assert published["type"] == "reply.interrupted"
     assert (published["seq"], published["text"], published["status"]) == (
@@ -487,8 +483,7 @@ def test_token_usage_adds_up_across_replies(conversation):
     for _ in range(3):
         finish(reply_begin(conversation_id=conversation.id, provider="echo"))
 
-    conversation.user.refresh_from_db()
-    assert conversation.user.tokens_used == 3 * 42
+    assert usage_of(conversation.user)[1] == 3 * 42
 
 
 # --- seq ---------------------------------------------------------------------------------

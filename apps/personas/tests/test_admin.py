@@ -5,7 +5,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from apps.accounts.models import User
-from apps.accounts.tests.factories import UserFactory
+from apps.accounts.tests.factories import UserFactory, usage_of, usage_set
 from apps.conversations.context import persona_of
 from apps.conversations.services import conversation_start, text_message_add
 from apps.conversations.tests.factories import (
@@ -269,17 +269,16 @@ def test_staff_without_persona_permissions_cannot_duplicate(client):
 
 def test_reset_usage_zeroes_the_selected_users_only(admin_browser):
     # given
-    spent = UserFactory(audio_seconds_used=321.5, tokens_used=999)
-    untouched = UserFactory(audio_seconds_used=12, tokens_used=34)
+    spent, untouched = UserFactory(), UserFactory()
+    usage_set(spent, audio_seconds=321.5, tokens=999)
+    usage_set(untouched, audio_seconds=12, tokens=34)
 
     # when
     post_action(admin_browser, "/admin/accounts/user/", "reset_usage", [spent])
 
     # then
-    spent.refresh_from_db()
-    untouched.refresh_from_db()
-    assert (spent.audio_seconds_used, spent.tokens_used) == (0, 0)
-    assert (untouched.audio_seconds_used, untouched.tokens_used) == (12, 34)
+    assert usage_of(spent) == (0, 0)
+    assert usage_of(untouched) == (12, 34)
     assert User.objects.filter(pk=spent.pk, audio_seconds_quota__gt=0).exists()  # quotas kept
 
 
@@ -305,14 +304,14 @@ def test_view_only_staff_cannot_duplicate(view_only_staff):
 
 
 def test_view_only_staff_cannot_reset_usage(view_only_staff):
-    spent = UserFactory(tokens_used=5)
+    spent = UserFactory()
+    usage_set(spent, tokens=5)
 
     view_only_staff.post(
         "/admin/accounts/user/", {"action": "reset_usage", "_selected_action": [str(spent.pk)]}
     )
 
-    spent.refresh_from_db()
-    assert spent.tokens_used == 5
+    assert usage_of(spent) == (0, 5)
 
 
 # --- An edit reaches the next turn ------------------------------------------------------------

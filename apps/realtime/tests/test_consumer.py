@@ -21,7 +21,7 @@ from channels.testing import WebsocketCommunicator
 from django.db.backends import utils as db_utils
 
 from apps.accounts.services import session_key_create
-from apps.accounts.tests.factories import UserFactory
+from apps.accounts.tests.factories import UserFactory, usage_of, usage_set
 from apps.conversations.models import Message
 from apps.conversations.services import conversation_start
 from apps.conversations.tests.factories import MessageFactory
@@ -404,8 +404,7 @@ async def test_typed_text_is_stored_shown_and_answered_with_text_and_audio(
         (2, "user", "text", "complete"),
         (3, "assistant", "llm", "complete"),
     ]
-    await sync_to_async(conversation.user.refresh_from_db)()
-    assert conversation.user.tokens_used > 0
+    assert (await sync_to_async(usage_of)(conversation.user))[1] > 0
 
 
 async def test_a_second_socket_sees_the_turn_too(conversation, connect, live_worker):
@@ -427,8 +426,9 @@ async def test_a_second_socket_sees_the_turn_too(conversation, connect, live_wor
 
 async def test_text_over_quota_is_refused_and_not_stored(conversation, connect, user):
     def use_it_all():
-        user.tokens_quota, user.tokens_used = 10, 10
-        user.save(update_fields=["tokens_quota", "tokens_used"])
+        user.tokens_quota = 10
+        user.save(update_fields=["tokens_quota"])
+        usage_set(user, tokens=10)
 
     await sync_to_async(use_it_all)()
     communicator = await connect()

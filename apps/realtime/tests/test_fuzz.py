@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 
 from apps.accounts.models import User
 from apps.accounts.services import session_key_create
+from apps.accounts.tests.factories import usage_set
 from apps.conversations.services import conversation_start
 from apps.personas.models import Persona
 from apps.pipeline.talk_client import TalkClient
@@ -384,7 +385,8 @@ def test_hostile_frames_get_documented_answers_and_hurt_no_one(talker, voice_ser
     # given a user with a normal session, and a user who has used up their quota
     normal = talker("ada")
     hostile = User.objects.create_user("hostile", password="pw-123456!")
-    User.objects.filter(pk=hostile.pk).update(tokens_quota=10, tokens_used=11)
+    User.objects.filter(pk=hostile.pk).update(tokens_quota=10)
+    usage_set(hostile, tokens=11)
     conversation = conversation_start(user=hostile, persona=Persona.objects.get(slug="ada"))
     url = f"{voice_server.ws_url}/ws/conversations/{conversation.id}/"
     cookie = session_key_create(user=hostile)

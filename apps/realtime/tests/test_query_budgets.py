@@ -13,6 +13,7 @@ from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.db import connection
 
+from apps.accounts.ledger import quota_reserve
 from apps.accounts.services import session_key_create
 from apps.conversations.models import Message
 from apps.realtime.events import event, group_name
@@ -58,6 +59,13 @@ def reads_of_cached_tables(queries: QueryCounter) -> list[str]:
     ]
 
 
+async def warm_ledger(account) -> None:
+    """Start the user's quota counters of the day (ledger.py): the first socket and the
+    first reply of a user's day read their DailyUsage row once, to start from it."""
+    await quota_reserve(user_id=account.pk, kind="audio_ms", amount=1, limit=10**9)
+    await quota_reserve(user_id=account.pk, kind="tokens", amount=1, limit=10**9)
+
+
 def frames_of(pcm: bytes) -> list[bytes]:
     size = len(SILENCE_FRAME)
     return [pcm[i : i + size] for i in range(0, len(pcm) - size + 1, size)]
@@ -91,8 +99,9 @@ async def test_speech_frames_and_group_events_run_no_queries(conversation, conne
     assert len(queries) == 0, queries.report()
 
 
-async def test_a_spoken_turn_stays_within_its_query_budget(connect, settings, live_worker):  # noqa: F811
+async def test_a_spoken_turn_stays_within_its_query_budget(connect, settings, live_worker, user):  # noqa: F811
     settings.AUDIO_RATE_BURST_S = 20
+    await warm_ledger(user)
     communicator = await connect()
     await hello(communicator, resume_from=1)
     await settle(communicator)
@@ -123,6 +132,7 @@ async def test_a_socket_open_and_hello_stay_within_their_query_budget(conversati
     # given a signed-in user, and a conversation whose context the cache has
     # (conversation_start put it there)
     communicator = socket(conversation.id, await sync_to_async(session_key_create)(user=user))
+    await warm_ledger(user)
     with QueryCounter() as queries:
         # when a socket opens and says hello
         connected, _ = await communicator.connect(timeout=10)

@@ -16,8 +16,6 @@ from apps.conversations.services import conversation_start, text_message_add
 from apps.personas.tests.factories import PersonaFactory
 from apps.pipeline.services import reply_stop
 from apps.realtime.live import live_writer
-from apps.realtime.protocol import ProtocolError
-from apps.realtime.quota import QuotaGate
 from apps.realtime.replies import ReplyRunner
 
 pytestmark = pytest.mark.usefixtures("transactional_db")
@@ -78,19 +76,3 @@ async def test_a_stop_issued_before_the_reply_began_leaves_it_alone(conversation
     assert not reply.task.done()
     await reply_stop(conversation_id=conversation.id)
     await asyncio.wait_for(reply.task, 10)
-
-
-def test_the_quota_gate_refuses_without_a_query_and_reads_again_when_old(settings):
-    settings.QUOTA_REFRESH_S = 0
-    spawned = []
-    gate = QuotaGate(user_id=1, problem="You have used all of your speaking minutes.",
-                     spawn=spawned.append)  # fmt: skip
-    with pytest.raises(ProtocolError) as refused:
-        gate.check()
-    assert refused.value.code == "quota_exceeded"
-    assert len(spawned) == 1  # a background re-read, not a query on the caller's path
-    spawned[0].close()
-    gate.reading = True
-    with pytest.raises(ProtocolError):
-        gate.check()
-    assert len(spawned) == 1  # one re-read at a time

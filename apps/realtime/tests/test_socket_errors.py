@@ -11,6 +11,7 @@ from django.conf import settings
 
 from apps.accounts.models import User
 from apps.accounts.services import session_key_create
+from apps.accounts.tests.factories import usage_set
 from apps.conversations.models import Message
 
 WAV_HEADER = b"RIFF" + struct.pack("<I", 36) + b"WAVEfmt " + bytes(22)
@@ -69,8 +70,10 @@ def test_frames_before_hello_are_refused(talker):
 
 
 def test_quota_exhausted_is_an_error_and_stores_nothing(talker):
-    client = talker("ada")
-    User.objects.filter(pk=client.user.pk).update(tokens_quota=10, tokens_used=11)
+    client = talker("ada", connect=False)
+    User.objects.filter(pk=client.user.pk).update(tokens_quota=10)  # read when a socket opens
+    usage_set(client.user, tokens=11)
+    client.connect()
     after = len(client.received)
     client.send_json({"type": "text", "text": "one more please"})
     error = client.wait_for(lambda e: e["type"] == "error", after=after).event

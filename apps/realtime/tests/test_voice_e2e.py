@@ -14,6 +14,7 @@ from django.urls import reverse
 
 from apps.accounts.models import User
 from apps.accounts.services import session_key_create
+from apps.accounts.tests.factories import usage_of, usage_set
 from apps.conversations.models import Message, TranscriptSegment
 from apps.personas.models import Persona
 from apps.pipeline.providers.registry import stt_get
@@ -383,10 +384,11 @@ def test_persona_voice_switch_takes_effect_on_the_next_turn(talker, voice_server
 
 
 def test_speaking_over_the_audio_quota_is_refused_before_the_utterance_starts(talker):
-    # given a user whose speaking seconds are used up (a socket reads the quota when it
-    # opens, and again at most every QUOTA_REFRESH_S: speech start runs no query)
+    # given a user whose speaking time of today is used up (a socket reserves its first
+    # chunk of the day's allowance when it opens; the first utterance waits for that answer)
     user = User.objects.create_user("quota-spent", password="pw-123456!")
-    User.objects.filter(pk=user.pk).update(audio_seconds_quota=60, audio_seconds_used=60)
+    User.objects.filter(pk=user.pk).update(audio_seconds_quota=60)
+    usage_set(user, audio_seconds=60)
     client = talker("ada", user=User.objects.get(pk=user.pk))
 
     # when they speak
@@ -408,13 +410,42 @@ def test_speaking_over_the_audio_quota_is_refused_before_the_utterance_starts(ta
     assert not client.closed.is_set()
 
     # and once staff lift the quota, the user is heard again (on a new socket: an open
-    # one may go on with the quota it last read for up to QUOTA_REFRESH_S)
+    # one keeps the quotas it read when it opened)
     User.objects.filter(pk=user.pk).update(audio_seconds_quota=0)  # 0: unlimited
     client.close()
     again = talker(user=User.objects.get(pk=user.pk), conversation=client.conversation)
     events = speak(again, pcm_of("speechbrain_spk1_snt1.wav"))
     assert [e["type"] for e in events].count("transcript.final") == 1
     assert_no_error(again)
+
+
+def test_speech_past_the_days_allowance_is_cut_there_and_what_was_said_is_kept(talker):
+    # given a user with 1.5 s of today's speaking time left
+    user = User.objects.create_user("quota-almost", password="pw-123456!")
+    User.objects.filter(pk=user.pk).update(audio_seconds_quota=60)
+    usage_set(user, audio_seconds=58.5)
+    client = talker("ada", user=User.objects.get(pk=user.pk))
+
+    # when they say a longer sentence (11 s)
+    events = speak(client, pcm_of("faster-whisper_jfk.wav"))
+
+    # then the utterance ends where the allowance does, for the quota's reason
+    [end] = [e for e in events if e["type"] == "speech.end"]
+    assert end["reason"] == "quota"
+    assert 1400 <= end["duration_ms"] <= 1700, end
+    # and what was said up to there is transcribed, stored and answered
+    [final] = [e for e in events if e["type"] == "transcript.final"]
+    assert final["utterance_id"] == end["utterance_id"] and final["text"].strip()
+    assert "reply.done" in {e["type"] for e in events}
+    # and the user is told, without losing the socket; the rest of the speech starts nothing
+    errors = [e for e in events if e["type"] == "error"]
+    assert errors and {e["code"] for e in errors} == {"quota_exceeded"}
+    assert "speaking time" in errors[0]["message"] and not errors[0].get("fatal")
+    assert [e["type"] for e in events].count("speech.start") == 1
+    assert not client.closed.is_set()
+    # and today's persisted use is the allowance, give or take the last frame
+    assert usage_of(user)[0] == pytest.approx(58.5 + end["duration_ms"] / 1000, abs=0.01)
+    assert usage_of(user)[0] <= 60.2
 
 
 def test_audio_end_closes_the_utterance_and_its_final_arrives(talker):
