@@ -7,11 +7,13 @@ arrive one every --every seconds, up to --speakers; each that is admitted speaks
 each reply before the next. A speaker refused at the door (close 1013,
 `overloaded`) is counted and does not retry.
 
-The run is made twice, side by side: with admission (STT_BACKLOG_REFUSE=--bound)
-and without it (0), the same arrivals. The `stt` queue depth is read every
-250 ms. Reported for each: the speakers admitted and refused, the maximum and
-p95 queue depth, and the admitted speakers' onset → first partial and speech end
-→ final (p50, p95). Prints a table, writes docs/benchmarks/overload.json.
+The run is made three times, side by side, with the same arrivals: admission
+against capacity (STT_SESSIONS_PER_WORKER=--per-worker, the backlog bound too),
+against the backlog only (STT_BACKLOG_REFUSE=--bound), and none. The `stt`
+queue depth is read every 250 ms. Reported for each: the speakers admitted and
+refused, the maximum and p95 queue depth, and the admitted speakers' onset →
+first partial and speech end → final (p50, p95). Prints a table, writes
+docs/benchmarks/overload.json.
 """
 
 from __future__ import annotations
@@ -38,10 +40,19 @@ def parse_args(argv):
     parser.add_argument("--every", type=float, default=2.0, help="seconds between arrivals")
     parser.add_argument("--clips", type=int, default=3, help="clips per admitted speaker")
     parser.add_argument("--bound", type=int, default=6, help="STT_BACKLOG_REFUSE of the run")
+    parser.add_argument(
+        "--per-worker",
+        type=int,
+        default=4,
+        help="STT_SESSIONS_PER_WORKER of the capacity run (the latency benchmark meets "
+        "its targets at 4 speakers on one worker)",
+    )
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
-    if args.speakers < 1 or args.every <= 0 or args.clips < 1 or args.bound < 1:
-        parser.error("--speakers, --clips and --bound must be at least 1; --every positive")
+    if min(args.speakers, args.clips, args.bound, args.per_worker) < 1 or args.every <= 0:
+        parser.error(
+            "--speakers, --clips, --bound and --per-worker must be at least 1; --every positive"
+        )
     return args
 
 
@@ -70,17 +81,26 @@ def speaker(web, user, clips: list[str], admitted: list, refused: list) -> list[
     return turns
 
 
-def variant_run(bound: int, args, env: dict, users, clips: list[str], procs: list) -> dict:
-    """A fresh Daphne and STT worker with STT_BACKLOG_REFUSE=bound; the arrivals."""
+def variant_run(
+    bound: int, per_worker: int, args, env: dict, users, clips: list[str], procs: list
+) -> dict:
+    """A fresh Daphne and STT worker with STT_BACKLOG_REFUSE=bound and
+    STT_SESSIONS_PER_WORKER=per_worker; the arrivals."""
     import redis
 
-    env = {**env, "STT_BACKLOG_REFUSE": str(bound), "STT_CPU_THREADS": "1"}
+    env = {**env, "STT_BACKLOG_REFUSE": str(bound), "STT_SESSIONS_PER_WORKER": str(per_worker),
+           "STT_CPU_THREADS": "1"}  # fmt: skip
+    store = redis.Redis.from_url(env["AUDIO_STORE_URL"])
+    for key in store.scan_iter("stt:worker:*"):
+        store.delete(key)  # an earlier run's worker, if it did not say goodbye
     web = density.web_start("daphne", env, 0, procs)
     density.web_wait(web)
     workers = {"stt": latency.worker_start("stt", env, 1, procs),
                "tts": latency.worker_start("tts", env, 0, procs)}  # fmt: skip
     broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
     broker.delete("stt")
+    while not list(store.scan_iter("stt:worker:*")):  # the worker is ready: it registered
+        time.sleep(0.2)
     depths: list[int] = []
     stop = threading.Event()
 
@@ -105,11 +125,14 @@ def variant_run(bound: int, args, env: dict, users, clips: list[str], procs: lis
     for proc in (*workers.values(), web.proc):
         proc.stop()
     turns = [turn for run_ in runs for turn in run_]
-    label = f"admission at {bound}" if bound else "no admission"
+    label = (
+        f"capacity {per_worker}/worker" if per_worker else f"backlog {bound}" if bound else "none"
+    )
     latency.say(f"{label}: {len(admitted)} admitted, {len(refused)} refused, "
                 f"{len(turns)} turns, max depth {max(depths, default=0)}")  # fmt: skip
     return {
         "bound": bound,
+        "per_worker": per_worker,
         "admitted": len(admitted),
         "refused": len(refused),
         "refusals": refused,
@@ -130,6 +153,7 @@ def run(args, procs: list) -> dict:
     stack.database_recreate(stack.BENCH_DATABASE)
     env = density.bench_env(redis)
     env["CELERY_BROKER_URL"] = redis.url(3)
+    env["AUDIO_STORE_URL"] = redis.url(4)
     stack.migrate(env)
     os.environ.update(env)
     import django
@@ -140,12 +164,12 @@ def run(args, procs: list) -> dict:
 
     demo_seed()
     clips = sorted(english_clips())[: args.clips]
-    users = density.users_create(env, 2 * args.speakers, "ada")  # a set for each variant
+    runs = {"capacity": (args.bound, args.per_worker), "backlog": (args.bound, 0), "none": (0, 0)}
+    users = density.users_create(env, len(runs) * args.speakers, "ada")  # a set for each
     variants = {}
-    for n, bound in enumerate((args.bound, 0)):
+    for n, (name, (bound, per_worker)) in enumerate(runs.items()):
         own = users[n * args.speakers : (n + 1) * args.speakers]
-        variants["admission" if bound else "none"] = variant_run(bound, args, env, own, clips,
-                                                                 procs)  # fmt: skip
+        variants[name] = variant_run(bound, per_worker, args, env, own, clips, procs)
     return {
         "benchmark": "overload",
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -153,7 +177,7 @@ def run(args, procs: list) -> dict:
         "machine": stack.machine_info(),
         "git": stack.git_commit(),
         "speakers": args.speakers, "every_s": args.every, "clips": args.clips,
-        "bound": args.bound,
+        "bound": args.bound, "per_worker": args.per_worker,
         "variants": variants,
     }  # fmt: skip
 
@@ -163,14 +187,15 @@ def table(report: dict) -> str:
         f"Overload: {report['speakers']} speakers arriving every {report['every_s']} s,"
         f" {report['clips']} clips each; one STT worker (1 thread) on core 1",
         "",
-        f"{'':28}{'admission':>14}{'none':>14}",
+        f"{'':28}" + "".join(f"{name:>14}" for name in report["variants"]),
     ]
-    a, n = report["variants"]["admission"], report["variants"]["none"]
+    variants = list(report["variants"].values())
 
     def row(name: str, get) -> None:
-        cells = [get(v) for v in (a, n)]
+        cells = [get(v) for v in variants]
         lines.append(f"{name:28}" + "".join(f"{'-' if c is None else c:>14}" for c in cells))
 
+    row("sessions per STT worker", lambda v: v.get("per_worker") or "off")
     row("bound (STT_BACKLOG_REFUSE)", lambda v: v["bound"] or "off")
     row("admitted", lambda v: v["admitted"])
     row("refused (1013)", lambda v: v["refused"])

@@ -8,7 +8,13 @@ import os
 import time
 
 from celery import Celery
-from celery.signals import celeryd_init, worker_init, worker_process_init
+from celery.signals import (
+    celeryd_init,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutting_down,
+)
 from kombu import Queue
 
 from apps.observability.logging import celery_output_to_json, celery_signals_connect
@@ -83,6 +89,22 @@ def worker_start(sender, **_kwargs) -> None:
     if "prefork" not in name:
         concurrency = sender.concurrency
         task_process_start(threads=concurrency if isinstance(concurrency, int) else 0)
+
+
+@worker_ready.connect
+def stt_fleet_join(**_kwargs) -> None:
+    """In the worker's main process, whatever its pool: a worker that consumes `stt`
+    counts toward the fleet's STT capacity (apps/realtime/admission.py) from now on."""
+    from apps.pipeline.stt_fleet import fleet_join
+
+    fleet_join(queues=set(app.amqp.queues.consume_from))
+
+
+@worker_shutting_down.connect
+def stt_fleet_leave(**_kwargs) -> None:
+    from apps.pipeline.stt_fleet import fleet_leave
+
+    fleet_leave()
 
 
 def task_process_start(threads: int = 1) -> None:

@@ -380,6 +380,11 @@ LIVE_SWEEP_S = env_float("LIVE_SWEEP_S", 3.0)
 # sockets are refused with 1013 (apps/realtime/admission.py); 0 turns it off. A window
 # takes about 0.15 s of a CPU worker: 300 is about a minute of one worker's work.
 STT_BACKLOG_REFUSE = env_int("STT_BACKLOG_REFUSE", 300)
+# Conversation sockets one live STT worker serves at the latency targets: past that many
+# per worker registered (apps/pipeline/stt_fleet.py), across the fleet, a new socket gets
+# 1013 before any backlog builds (benchmarks/overload.py measures it; 4 on one CPU worker
+# with one model thread). 0: off, the backlog bound only.
+STT_SESSIONS_PER_WORKER = env_int("STT_SESSIONS_PER_WORKER", 0)
 # Conversation sockets one user may hold open at once, on every web process together
 # (apps/realtime/leases.py); one more is refused with 4409. 0: unlimited.
 SOCKETS_PER_USER_MAX = env_int("SOCKETS_PER_USER_MAX", 5)

@@ -26,7 +26,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from apps.accounts.ledger import seed_read, today
-from apps.accounts.models import User
+from apps.accounts.models import DailyUsage, User
 from apps.accounts.services import usage_days
 from apps.personas.models import Persona
 from apps.personas.selectors import persona_list_published
@@ -49,8 +49,10 @@ from .services import (
 )
 
 # Enough rows that the planner's choice is the one of a busy database: 4,000 users, one
-# with 200 conversations (more than a page), 4,200 conversations, 50,400 turns.
+# with 200 conversations (more than a page), 4,200 conversations, 50,400 turns, and a
+# week of daily usage each (28,000 rows).
 USERS, BUSY_USER_CONVERSATIONS, TURNS_PER_CONVERSATION = 4000, 200, 12
+USAGE_DAYS = 7
 PERSONAS, PUBLISHED_EVERY = 2000, 20
 DML = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE)\b", re.I)
 INDEX_NODES = {"Index Scan", "Index Only Scan", "Bitmap Index Scan"}
@@ -127,6 +129,14 @@ def _seed() -> Seeded:
             )
             for message in messages
             if message.role == Message.Role.USER
+        ],
+        batch_size=2000,
+    )
+    DailyUsage.objects.bulk_create(
+        [
+            DailyUsage(user=user, day=today() - timedelta(days=d), audio_seconds=60, tokens=900)
+            for user in users
+            for d in range(1, USAGE_DAYS + 1)
         ],
         batch_size=2000,
     )

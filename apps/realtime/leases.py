@@ -1,10 +1,11 @@
-"""Concurrent sockets per user, across every web process: each open conversation
-socket holds a lease in the audio store's Redis (a sorted set per user, the
-socket's channel scored by when its lease ends). A socket past
-SOCKETS_PER_USER_MAX is refused with 4409. Each process renews its sockets'
-leases in one pipeline every LEASE_S / 3; the leases of a process that died
-lapse by themselves within LEASE_S. With no Redis (embedded defaults) the
-process's own count is the whole truth."""
+"""Concurrent sockets per user and in the whole fleet, across every web process:
+each open conversation socket holds a lease in the audio store's Redis (a sorted
+set per user and one of every socket, the socket's channel scored by when its
+lease ends). A socket past SOCKETS_PER_USER_MAX is refused with 4409; one past
+the fleet's STT capacity (`fleet_max`, admission.py) with 1013. Each process
+renews its sockets' leases in one pipeline every LEASE_S / 3; the leases of a
+process that died lapse by themselves within LEASE_S. With no Redis (embedded
+defaults) the process's own count is the whole truth."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import logging
 import time
 import weakref
 from collections import defaultdict
+from typing import Literal
 
 import redis.asyncio as aredis
 from django.conf import settings
@@ -25,14 +27,25 @@ log = logging.getLogger(__name__)
 LEASE_S = 90.0
 CLOSE_TOO_MANY_SOCKETS = 4409
 
-# KEYS[1] the user's set; ARGV: now, lease end, channel, max. 1 if the lease was taken.
+# KEYS[1] the user's set, KEYS[2] every socket's; ARGV: now, lease end, channel, the
+# user's max, the fleet's max (0: none). 1: the lease was taken; 0: the user has their
+# most; 2: the fleet is full. Checked and taken in one step: a burst cannot overshoot.
 ACQUIRE = """
+local ttl = math.ceil(ARGV[2] - ARGV[1]) + 1
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+local user_max, fleet_max = tonumber(ARGV[4]), tonumber(ARGV[5])
+if user_max > 0 and redis.call('ZCARD', KEYS[1]) >= user_max then return 0 end
+if fleet_max > 0 and redis.call('ZCARD', KEYS[2]) >= fleet_max then return 2 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-redis.call('EXPIRE', KEYS[1], math.ceil(ARGV[2] - ARGV[1]) + 1)
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ttl)
 return 1
 """
+ALL_KEY = "sockets:all"
+Outcome = Literal["taken", "user_full", "fleet_full"]
+OUTCOMES: dict[int, Outcome] = {1: "taken", 0: "user_full", 2: "fleet_full"}
 
 
 def lease_key(user_id: int) -> str:
@@ -57,27 +70,33 @@ class SocketLeases:
             )
         return client
 
-    async def acquire(self, *, user_id: int, channel: str) -> bool:
+    async def acquire(self, *, user_id: int, channel: str, fleet_max: int = 0) -> Outcome:
+        """Take a lease for the socket, unless the user or the fleet (`fleet_max`
+        sockets in all; 0: no limit) has its most."""
         limit = settings.SOCKETS_PER_USER_MAX
-        if not limit:
-            return True
+        if not limit and not fleet_max:
+            return "taken"
         if not self.url:
-            taken = len(self.held[user_id]) < limit
+            outcome: Outcome = "taken"
+            if limit and len(self.held[user_id]) >= limit:
+                outcome = "user_full"
+            elif fleet_max and sum(map(len, self.held.values())) >= fleet_max:
+                outcome = "fleet_full"
         else:
             now = time.time()
             try:
-                taken = bool(
-                    await self._redis().eval(
-                        ACQUIRE, 1, lease_key(user_id), now, now + LEASE_S, channel, limit
-                    )
-                )
+                code = await self._redis().eval(
+                    ACQUIRE, 2, lease_key(user_id), ALL_KEY,
+                    now, now + LEASE_S, channel, limit, fleet_max,
+                )  # fmt: skip
+                outcome = OUTCOMES[int(code)]
             except Exception as exc:  # Redis is away: admit (its own errors say so)
                 log.warning("socket lease unavailable: %r", exc)
-                taken = True
-        if taken:
+                outcome = "taken"
+        if outcome == "taken":
             self.held[user_id].add(channel)
             self._start()
-        return taken
+        return outcome
 
     async def release(self, *, user_id: int, channel: str) -> None:
         channels = self.held.get(user_id)
@@ -88,7 +107,10 @@ class SocketLeases:
             del self.held[user_id]
         if self.url:
             try:
-                await self._redis().zrem(lease_key(user_id), channel)
+                async with self._redis().pipeline(transaction=False) as pipe:
+                    pipe.zrem(lease_key(user_id), channel)
+                    pipe.zrem(ALL_KEY, channel)
+                    await pipe.execute()
             except Exception as exc:  # the lease lapses by itself
                 log.warning("socket lease not released: %r", exc)
 
@@ -114,9 +136,14 @@ class SocketLeases:
     async def renew(self) -> None:
         end = time.time() + LEASE_S
         async with self._redis().pipeline(transaction=False) as pipe:
+            every: dict[str, float] = {}
             for user_id, channels in list(self.held.items()):
                 pipe.zadd(lease_key(user_id), dict.fromkeys(channels, end))
                 pipe.expire(lease_key(user_id), int(LEASE_S) + 1)
+                every.update(dict.fromkeys(channels, end))
+            if every:
+                pipe.zadd(ALL_KEY, every)
+                pipe.expire(ALL_KEY, int(LEASE_S) + 1)
             await pipe.execute()
 
 

@@ -64,11 +64,50 @@ async def test_the_leases_of_a_process_that_died_lapse_by_themselves(
     settings.SOCKETS_PER_USER_MAX = 1
     monkeypatch.setattr(leases_module, "LEASE_S", 1.0)
     dead, alive = SocketLeases(redis_url), SocketLeases(redis_url)
-    assert await dead.acquire(user_id=7, channel="dead-process-socket")
+    assert await dead.acquire(user_id=7, channel="dead-process-socket") == "taken"
     dead.renewer.cancel()  # the process is gone: nothing renews its lease
-    assert not await alive.acquire(user_id=7, channel="new-socket")  # another process
+    assert await alive.acquire(user_id=7, channel="new-socket") == "user_full"  # another one
 
     await asyncio.sleep(1.2)
 
-    assert await alive.acquire(user_id=7, channel="new-socket")
+    assert await alive.acquire(user_id=7, channel="new-socket") == "taken"
+    alive.renewer.cancel()
+
+
+@pytest.mark.parametrize("store", ["redis", "process"])
+async def test_the_fleet_cap_counts_every_processs_sockets_and_frees_a_closed_ones(
+    settings, store, request
+):
+    # given two web processes (one, with no Redis: the process's own count)
+    settings.SOCKETS_PER_USER_MAX = 0  # no per-user limit: the fleet's only
+    url = request.getfixturevalue("redis_url") if store == "redis" else ""
+    first, second = SocketLeases(url), SocketLeases(url) if url else None
+    second = second or first
+
+    # when 4 users open sockets against a fleet cap of 3, spread over both
+    outcomes = [
+        await leases.acquire(user_id=n, channel=f"socket-{n}", fleet_max=3)
+        for n, leases in enumerate((first, second, first, second))
+    ]
+
+    # then the 4th is refused for the fleet, and closing one lets a new one in
+    assert outcomes == ["taken", "taken", "taken", "fleet_full"]
+    await first.release(user_id=0, channel="socket-0")
+    assert await second.acquire(user_id=3, channel="socket-3", fleet_max=3) == "taken"
+    for leases in {first, second}:
+        if leases.renewer is not None:
+            leases.renewer.cancel()
+
+
+async def test_a_dead_processs_sockets_leave_the_fleet_count(settings, redis_url, monkeypatch):
+    settings.SOCKETS_PER_USER_MAX = 0
+    monkeypatch.setattr(leases_module, "LEASE_S", 1.0)
+    dead, alive = SocketLeases(redis_url), SocketLeases(redis_url)
+    assert await dead.acquire(user_id=1, channel="dead-socket", fleet_max=1) == "taken"
+    dead.renewer.cancel()
+    assert await alive.acquire(user_id=2, channel="new", fleet_max=1) == "fleet_full"
+
+    await asyncio.sleep(1.2)
+
+    assert await alive.acquire(user_id=2, channel="new", fleet_max=1) == "taken"
     alive.renewer.cancel()
