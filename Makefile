@@ -58,7 +58,7 @@ TEST_CLEAN_ENV := env $(foreach name,$(TEST_UNSET_VARS),-u $(name) -u $(name)_FI
 EMBEDDED_RUN := $(TEST_CLEAN_ENV) $(PYTEST)
 SERVICES_RUN := $(TEST_CLEAN_ENV) $(SERVICES_ENV) $(PYTEST)
 
-.PHONY: help venv system-deps services run test test-embedded test-services test-deploy lint bench loadtest soak screenshots clean
+.PHONY: help venv lock system-deps services run test test-embedded test-services test-deploy lint bench loadtest soak screenshots clean
 
 help:
 	@echo "make run          serve Parley at http://127.0.0.1:8000 (embedded defaults; reads .env)"
@@ -66,7 +66,8 @@ help:
 	@echo "make test-deploy  the image built and run in Docker, the deploy manifests checked"
 	@echo "make lint         ruff and mypy (make test runs it first)"
 	@echo "make services     start Postgres, Redis and PgBouncer (127.0.0.1:6432)"
-	@echo "make bench        the benchmarks named in BENCH (default: all: density frame stt latency database)"
+	@echo "make bench        the benchmarks named in BENCH (default: all seven; see README)"
+	@echo "make lock         rewrite requirements.lock from the venv (after changing requirements*.txt)"
 	@echo "make loadtest     a headless Locust run against a stack it starts; reports/loadtest/"
 	@echo "make soak         10 min of Locust with a worker killed and Redis restarted; what was lost"
 	@echo "make screenshots  copy the browser tests' screenshots (reports/screenshots/) to docs/screenshots/"
@@ -75,13 +76,19 @@ help:
 venv: $(STAMP)
 
 # Reinstall only when a requirements file is newer than the stamp.
-$(STAMP): requirements.txt requirements-dev.txt requirements-llm.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-llm.txt requirements.lock
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements-dev.txt
-	$(PY) -m pip install --quiet --no-deps -r requirements-llm.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt -c requirements.lock
+	$(PY) -m pip install --quiet --no-deps -r requirements-llm.txt -c requirements.lock
 	rm -f $(VENV)/lib/python3*/site-packages/llama/_llama_cpp_cuda_* \
 		$(VENV)/lib/python3*/site-packages/llama/_llama_cpp_vulkan_*
 	@touch $@
+
+# requirements.lock: every package of the venv at its version (see its header).
+lock: venv
+	@{ sed -n '1,/^# Regenerate/p' requirements.lock; $(PY) -m pip freeze | sort -f; } > requirements.lock.new
+	@mv requirements.lock.new requirements.lock
+	@echo "requirements.lock: $$(grep -c '==' requirements.lock) packages"
 
 system-deps:
 	@missing=""; \
