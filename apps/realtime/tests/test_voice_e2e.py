@@ -426,8 +426,8 @@ def test_speech_past_the_days_allowance_is_cut_there_and_what_was_said_is_kept(t
     usage_set(user, audio_seconds=58.5)
     client = talker("ada", user=User.objects.get(pk=user.pk))
 
-    # when they say a longer sentence (11 s)
-    events = speak(client, pcm_of("faster-whisper_jfk.wav"))
+    # when they say a longer sentence (2.9 s)
+    events = speak(client, pcm_of("speechbrain_spk1_snt1.wav"))
 
     # then the utterance ends where the allowance does, for the quota's reason
     [end] = [e for e in events if e["type"] == "speech.end"]
