@@ -112,7 +112,10 @@ class QuotaGate:
             self.pending = None
 
     async def give_back(self) -> None:
-        """Return what was reserved and not spoken (the socket closes)."""
+        """Return what was reserved and not spoken (the socket closes), once a
+        reservation in flight has come back."""
+        if self.pending is not None:
+            await asyncio.shield(self.pending)  # it logs its own failure
         held, day = round(self.held_ms), self.held_day
         if held <= 0 or day is None:
             return

@@ -82,6 +82,17 @@ async def test_a_socket_closing_gives_back_what_it_did_not_speak(store):
     assert gate.held_ms == 0
 
 
+async def test_a_socket_closing_while_a_chunk_is_asked_for_gives_that_back_too(store):
+    user = await sync_to_async(UserFactory)(audio_seconds_quota=60)
+    gate, tasks = gate_of(user, audio_s=60)
+    gate.top_up()  # the socket opens: its first chunk is on the way
+
+    await gate.give_back()  # and it closes before the answer came
+
+    assert tasks[0].done()
+    assert await store.spent(counter_key(user.pk, today(), "audio_ms")) == 0
+
+
 async def test_two_sockets_of_one_user_share_the_allowance(store):
     user = await sync_to_async(UserFactory)(audio_seconds_quota=15)
     (first, _), (second, _) = (
