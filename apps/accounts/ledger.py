@@ -21,14 +21,18 @@ ledger is back."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import threading
-import weakref
 from typing import Literal
 
+import redis
 import redis.asyncio as aredis
+from channels.db import database_sync_to_async
 from django.conf import settings
+
+from apps.realtime.per_loop import redis_per_loop
+
+from .models import DailyUsage
 
 Kind = Literal["audio_ms", "tokens"]
 AUDIO_USED = "You have used today's speaking time. It renews at midnight UTC."
@@ -79,8 +83,6 @@ def namespace() -> str:
 
 def seed_read(*, user_id: int, day: dt.date, kind: Kind) -> int:
     """What the user used that day, as persisted (a database read, on a thread)."""
-    from .models import DailyUsage
-
     row = DailyUsage.objects.filter(user_id=user_id, day=day).first()
     if row is None:
         return 0
@@ -127,18 +129,10 @@ class MemoryLedger:
 class RedisLedger:
     def __init__(self, url: str) -> None:
         self.url = url
-        # asyncio clients bind to their loop: one per loop (a web process has one)
-        self.clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aredis.Redis]
-        self.clients = weakref.WeakKeyDictionary()
+        self.clients = redis_per_loop(url)
 
     def _redis(self) -> aredis.Redis:
-        loop = asyncio.get_running_loop()
-        client = self.clients.get(loop)
-        if client is None:
-            client = self.clients[loop] = aredis.Redis.from_url(
-                self.url, socket_timeout=2, socket_connect_timeout=2
-            )
-        return client
+        return self.clients.get()
 
     async def reserve(self, key: str, amount: int, limit: int, seed: int | None) -> int:
         seed_arg = "" if seed is None else str(seed)
@@ -151,17 +145,16 @@ class RedisLedger:
         value = await self._redis().get(key)
         return None if value is None else int(value)
 
-    def forget_sync(self, keys: list[str]) -> None:
-        import redis
+    def _sync_client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
 
-        with redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2) as client:
+    def forget_sync(self, keys: list[str]) -> None:
+        with self._sync_client() as client:
             client.delete(*keys)
 
     def clear_sync(self) -> None:
         """Every counter of this database (a test run's fresh database reuses user ids)."""
-        import redis
-
-        with redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2) as client:
+        with self._sync_client() as client:
             keys = list(client.scan_iter(f"{namespace()}:*", count=1000))
             if keys:
                 client.delete(*keys)
@@ -184,8 +177,6 @@ async def quota_reserve(*, user_id: int, kind: Kind, amount: int, limit: int) ->
     lost its counters, reads the persisted figure to start from."""
     if not limit or amount <= 0:
         return max(0, amount)
-    from channels.db import database_sync_to_async
-
     day = today()
     key = counter_key(user_id, day, kind)
     store = ledger()
@@ -207,8 +198,6 @@ async def quota_left(*, user_id: int, kind: Kind, limit: int) -> int | None:
     """What is left of today's allowance (None: unlimited)."""
     if not limit:
         return None
-    from channels.db import database_sync_to_async
-
     day = today()
     spent = await ledger().spent(counter_key(user_id, day, kind))
     if spent is None:

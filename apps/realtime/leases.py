@@ -13,7 +13,6 @@ import asyncio
 import contextvars
 import logging
 import time
-import weakref
 from collections import defaultdict
 from typing import Literal
 
@@ -21,6 +20,7 @@ import redis.asyncio as aredis
 from django.conf import settings
 
 from .cancel import raise_if_cancelled
+from .per_loop import redis_per_loop
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +55,12 @@ def lease_key(user_id: int) -> str:
 class SocketLeases:
     def __init__(self, url: str) -> None:
         self.url = url
-        # asyncio clients bind to their loop: one per loop (a web process has one)
-        self.clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aredis.Redis]
-        self.clients = weakref.WeakKeyDictionary()
+        self.clients = redis_per_loop(url)
         self.held: defaultdict[int, set[str]] = defaultdict(set)  # this process's
         self.renewer: asyncio.Task | None = None
 
     def _redis(self) -> aredis.Redis:
-        loop = asyncio.get_running_loop()
-        client = self.clients.get(loop)
-        if client is None:
-            client = self.clients[loop] = aredis.Redis.from_url(
-                self.url, socket_timeout=2, socket_connect_timeout=2
-            )
-        return client
+        return self.clients.get()
 
     async def acquire(self, *, user_id: int, channel: str, fleet_max: int = 0) -> Outcome:
         """Take a lease for the socket, unless the user or the fleet (`fleet_max`

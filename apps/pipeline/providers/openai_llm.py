@@ -12,7 +12,6 @@ the reply. Every failure ends as a ProviderError, and the endpoint's circuit bre
 import asyncio
 import logging
 import random
-import weakref
 from collections.abc import AsyncIterator
 
 import openai
@@ -20,6 +19,7 @@ from django.conf import settings
 from openai.types.chat import ChatCompletionMessageParam
 
 from apps.observability import metrics
+from apps.realtime.per_loop import PerLoop
 
 from .base import ChatMessage, ProviderError, ReplyRequest, ReplyStream, ReplyUsage
 from .breaker import breaker_for
@@ -116,22 +116,17 @@ class OpenAILLM:
         self.max_retries = settings.LLM_MAX_RETRIES
         self.deadline_s = settings.LLM_DEADLINE_S
         self.breaker = breaker_for(stage="llm", engine=self.kind, endpoint=self.base_url or "")
-        # httpx clients bind to the event loop they are first used on: one per loop.
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI]
-        self._clients = weakref.WeakKeyDictionary()
-
-    def client(self) -> openai.AsyncOpenAI:
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            client = openai.AsyncOpenAI(
+        self._clients = PerLoop(
+            lambda: openai.AsyncOpenAI(
                 base_url=self.base_url,
                 api_key=self.api_key,
                 timeout=self.timeout_s,
                 max_retries=0,  # retried here, where a stream that breaks early is retried too
             )
-            self._clients[loop] = client
-        return client
+        )
+
+    def client(self) -> openai.AsyncOpenAI:
+        return self._clients.get()
 
     def stream_reply(self, request: ReplyRequest) -> ReplyStream:
         usage = ReplyUsage()
